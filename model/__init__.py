@@ -1,0 +1,1 @@
+"""DecMem networks: plain single-process PyTorch (no torch.distributed, no deepspeed)."""

@@ -1,0 +1,346 @@
+"""DecMem attention: Sparse Global Memory + Anchored Local Memory over a memory bank, and baselines.
+
+Two entry points per layer (DESIGN §3.2):
+  encode_memory   memory stream: clean frames, each attending to itself and the
+                  previous W-1 frames; returns the layer's bank entries.
+  forward         query stream: a noisy chunk of C frames reads the bank.
+
+Query-stream branches, each one ``attend`` call returning (out, lse):
+  chunk   the chunk's own tokens (all C frames, bidirectional)
+  window  bank frames [t0 - W + 1, t0)                       (ALM)
+  sel     retrieved bank blocks, older than the window       (SGM / baselines)
+SGM = merge(sel, chunk); ALM = merge(window, chunk); the gate mixes them, or a
+joint LSE merge(sel, window, chunk) gives one softmax over the union.
+Tokens are block-major inside each frame (see model/blocks.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from model.blocks import pool_blocks
+from model.kernels import BACKENDS, attend, expected_logit, merge_lse, softmax_entropy_parts
+from model.memory import LOCAL, BankLayer
+from model.retrieval import retrieval_log_weights, topk_blocks
+
+STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
+MERGES = ("gate", "joint")
+
+
+#################################################################################
+#                                   Arguments                                   #
+#################################################################################
+
+@dataclass
+class AttentionArgs:
+    """How a layer reads the memory bank."""
+
+    strategy: str = "decmem"        # one of STRATEGIES
+    block_size: int = 16            # B: tokens per retrieval block (a spatial tile)
+    top_k: int = 8                  # blocks retrieved per (query block, head)
+    window: int = 4                 # W: local window in frames, current frame included
+    merge: str = "gate"             # gate: sigmoid-gated SGM + ALM; joint: one softmax over both
+    retrieval_bias: bool = True     # add log softmax of selected scores to their logits
+    gate_bias: float = 2.0          # init: sigmoid(+b) on ALM, sigmoid(-b) on SGM
+    decay: float = 0.05             # dense_decay: logit bias per frame of age
+    fov_frames: int = 4             # fov_frames: whole frames retrieved
+    fov_age_penalty: float = 0.01   # fov_frames: coverage fraction lost per frame of age
+    backend: str = "auto"           # attention kernel, see model/kernels.py
+
+    def __post_init__(self):
+        checks = [
+            (self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", self.strategy),
+            (self.merge in MERGES, "merge", f"one of {MERGES}", self.merge),
+            (self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend),
+            (self.block_size >= 1, "block_size", ">= 1", self.block_size),
+            (self.top_k >= 1, "top_k", ">= 1", self.top_k),
+            (self.window >= 1, "window", ">= 1 (frames, current included)", self.window),
+            (self.fov_frames >= 1, "fov_frames", ">= 1", self.fov_frames),
+            (self.decay >= 0, "decay", ">= 0", self.decay),
+        ]
+        for ok, key, expected, got in checks:
+            if not ok:
+                raise ValueError(f"attention.{key}: expected {expected}, got {got!r}")
+
+
+#################################################################################
+#                                 Attention Layer                               #
+#################################################################################
+
+class DecMemAttention(nn.Module):
+    """Multi-head attention that writes a memory bank (memory stream) and reads it (query stream)."""
+
+    def __init__(self, dim: int, n_heads: int, args: AttentionArgs):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
+        self.dim, self.n_heads, self.head_dim, self.args = dim, n_heads, dim // n_heads, args
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, 2 * n_heads)  # per head: [SGM | ALM] gate logits
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        # gates start input-independent and favour ALM, so SGM enters as a small, learnable residue
+        nn.init.zeros_(self.gate.weight)
+        with torch.no_grad():
+            self.gate.bias[: self.n_heads].fill_(-self.args.gate_bias)
+            self.gate.bias[self.n_heads:].fill_(self.args.gate_bias)
+
+    def _heads(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)        # [B, N, 3, H, d]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # 3 x [B, H, N, d]
+        return q, k, v
+
+    def _out(self, o):
+        B, H, N, d = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, N, H * d))          # [B, N, D]
+
+    # ----------------------------------------------------------------------------
+    # Memory stream
+    # ----------------------------------------------------------------------------
+
+    def encode_memory(self, x: torch.Tensor, frame_tokens: int, halo: int = 0):
+        """Clean frames with local causal attention; returns (out, BankLayer) for frames >= halo.
+
+        x: [B, T * N_f, D], frames in time order; the first ``halo`` frames only
+        serve as keys (a cp shard's W-1 frames of left context).
+        """
+        B, N, _ = x.shape
+        T, W, Nf = N // frame_tokens, self.args.window, frame_tokens
+        self._check_frames(N, Nf)
+        q, k, v = self._heads(x)                                           # [B, H, T*N_f, d]
+        H, d = self.n_heads, self.head_dim
+        kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, d)
+        pad = (0, 0, 0, 0, W - 1, 0)                                       # W-1 empty frames in front
+        kw = nn.functional.pad(kf, pad).unfold(2, W, 1)                    # [B, H, T, N_f, d, W]
+        vw = nn.functional.pad(vf, pad).unfold(2, W, 1)
+        kw = kw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)      # [B, H, T, W*N_f, d]
+        vw = vw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)
+        src = torch.arange(T, device=x.device)[:, None] - (W - 1) + torch.arange(W, device=x.device)  # [T, W]
+        mask = (src >= 0).repeat_interleave(Nf, dim=1).expand(B, H, T, W * Nf)                     # [B, H, T, W*N_f]
+        o, _ = attend(q.view(B, H, T, Nf, d), kw, vw, key_mask=mask, backend=self.args.backend)   # [B, H, T, N_f, d]
+        o = o[:, :, halo:].reshape(B, H, (T - halo) * Nf, d)
+        k_own, v_own = kf[:, :, halo:], vf[:, :, halo:]                    # [B, H, T-halo, N_f, d]
+        k_pool = pool_blocks(k_own, self.args.block_size).view(B, H, T - halo, -1, d)  # [B, H, T', n_b, d]
+        return self._out(o), BankLayer(k_own, v_own, k_pool)
+
+    # ----------------------------------------------------------------------------
+    # Query stream
+    # ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, bank: BankLayer | None, chunk_start: int, frame_tokens: int,
+                fov_frames: tuple[torch.Tensor, torch.Tensor] | None = None, ctx=None,
+                return_stats: bool = False):
+        """The chunk's tokens read the bank. Returns (out [B, C*N_f, D], stats dict).
+
+        x: [B, C * N_f, D] noisy chunk frames t0..t0+C-1 (t0 = chunk_start);
+        bank: frames with global index < t0 are readable, later ones are ignored;
+        fov_frames: (frames [B, k], valid [B, k]) for the fov_frames strategy.
+        """
+        a, ctx = self.args, (ctx or LOCAL)
+        B, N, _ = x.shape
+        Nf, H, d = frame_tokens, self.n_heads, self.head_dim
+        self._check_frames(N, Nf)
+        q, k, v = self._heads(x)                                           # [B, H, N, d]
+        stats: dict = {}
+
+        L = min(ctx.global_frames(bank), chunk_start)                      # readable bank frames [0, L)
+        w_lo = max(0, chunk_start - (a.window - 1))                        # ALM window [w_lo, L)
+        old = min(w_lo, L)                                                 # SGM candidates [0, old)
+
+        chunk = attend(q, k, v, backend=a.backend)                         # ([B, H, N, d], [B, H, N])
+        win_kv = ctx.window_kv(bank, w_lo, L)
+        window = self._attend_frames(q, win_kv)
+
+        if a.strategy == "window":
+            out = merge_lse([window, chunk])[0]
+            parts = {"window": window, "chunk": chunk}
+        elif a.strategy in ("dense", "dense_decay"):
+            dense = self._dense(q, bank, L, chunk_start, ctx)
+            out = merge_lse([dense, chunk])[0]
+            parts = {"dense": dense, "chunk": chunk}
+        else:
+            if a.strategy == "decmem":
+                sel, sel_stats = self._sgm(q, bank, old, ctx)
+            else:
+                sel, sel_stats = self._fov(q, bank, old, fov_frames, ctx)
+            stats.update(sel_stats)
+            parts = {"sel": sel, "window": window, "chunk": chunk}
+            if a.strategy == "decmem" and a.merge == "gate":
+                g = torch.sigmoid(self.gate(x)).view(B, N, 2, H).permute(2, 0, 3, 1)  # [2, B, H, N]
+                o_sgm = merge_lse([sel, chunk])[0]                                  # [B, H, N, d]
+                o_alm = merge_lse([window, chunk])[0]
+                out = g[0].unsqueeze(-1) * o_sgm + g[1].unsqueeze(-1) * o_alm
+                stats["gate_sgm"], stats["gate_alm"] = g[0].detach().mean(), g[1].detach().mean()
+            else:
+                out = merge_lse([sel, window, chunk])[0]
+        stats["attended_tokens"] = self._attended_tokens(N, Nf, L, w_lo, old)
+        if return_stats:
+            stats.update(self._entropy(q, k, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames))
+        return self._out(out), stats
+
+    # ----------------------------------------------------------------------------
+    # Branches
+    # ----------------------------------------------------------------------------
+
+    def _attend_frames(self, q, kv, key_bias=None):
+        """All queries over whole frames kv = ([B, H, n, N_f, d], ...) -> (out, lse)."""
+        if kv is None:
+            return attend(q, q[..., :0, :], q[..., :0, :], backend=self.args.backend)
+        kf, vf = kv
+        B, H, n, Nf, d = kf.shape
+        return attend(q, kf.reshape(B, H, n * Nf, d), vf.reshape(B, H, n * Nf, d),
+                      key_bias=key_bias, backend=self.args.backend)
+
+    def _dense(self, q, bank, L, chunk_start, ctx):
+        """Every readable bank token (dense), optionally biased by -decay * age in frames."""
+        kv = bank.frames(0, L) if bank is not None else None
+        bias = None
+        if kv is not None and self.args.strategy == "dense_decay":
+            B, H, n, Nf, _ = kv[0].shape
+            t = bank.frame_offset + torch.arange(n, device=q.device)                  # global frame index
+            age = (chunk_start - t).to(q.dtype)                                        # [n], >= 1
+            bias = (-self.args.decay * age).repeat_interleave(Nf).expand(B, H, n * Nf)
+        out, lse = self._attend_frames(q, kv, bias)
+        return ctx.merge_partials(out, lse)
+
+    def _sgm(self, q, bank, old, ctx):
+        """Sparse Global Memory: pooled query blocks score pooled bank blocks, top-k, token attention."""
+        a = self.args
+        B, H, N, d = q.shape
+        Bs = a.block_size
+        nqb = N // Bs
+        q_pool = q.view(B, H, nqb, Bs, d).mean(dim=-2)                               # [B, H, n_qb, d]
+        if bank is not None:
+            kp = bank.k_pool.reshape(B, H, -1, d)                                    # [B, H, n_loc, d]
+            local = (q_pool @ kp.transpose(-1, -2)) / math.sqrt(d)                   # [B, H, n_qb, n_loc]
+            n_b = bank.blocks_per_frame
+            frame = bank.frame_offset + torch.arange(kp.shape[2], device=q.device) // n_b
+            local = local.masked_fill(frame >= old, -math.inf)                       # future and ALM frames
+        else:
+            local = q_pool.new_zeros(B, H, nqb, 0)
+        scores = ctx.gather_scores(local, bank)                                      # [B, H, n_qb, n_blocks]
+        idx, valid = topk_blocks(scores, a.top_k)                                    # [B, H, n_qb, k]
+        bias = retrieval_log_weights(scores, idx, valid) if a.retrieval_bias else None
+        out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
+        out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
+        return (out, lse), {"selected": idx, "selected_valid": valid, "scores": scores.detach()}
+
+    def _fov(self, q, bank, old, fov_frames, ctx):
+        """WorldMem baseline: whole frames chosen by field-of-view coverage, read by every query."""
+        if fov_frames is None:
+            raise ValueError("strategy 'fov_frames' needs fov_frames=(frames, valid) from model.retrieval.select_fov_frames")
+        frames, valid = fov_frames                                                   # [B, k]
+        B, H, N, d = q.shape
+        valid = valid & (frames < old)
+        n_b = bank.blocks_per_frame if bank is not None else 1
+        blocks = (frames.unsqueeze(-1) * n_b + torch.arange(n_b, device=q.device)).flatten(1)  # [B, k*n_b]
+        bvalid = valid.repeat_interleave(n_b, dim=1)
+        idx = blocks.view(B, 1, 1, -1).expand(B, H, 1, blocks.shape[1])             # [B, H, 1, k*n_b]
+        bvalid = bvalid.view(B, 1, 1, -1).expand_as(idx)
+        out, lse = self._attend_blocks(q.view(B, H, 1, N, d), bank, idx, bvalid, None)
+        out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
+        return (out, lse), {"selected": idx, "selected_valid": bvalid}
+
+    def _attend_blocks(self, qg, bank, idx, valid, bias):
+        """Query groups read their selected blocks of the *local* bank shard.
+
+        qg: [B, H, G, n, d]; idx/valid/bias: [B, H, G, k] global block indices.
+        Blocks held by another rank are masked here and counted there. The
+        kernel is called even when nothing local is selected, so every rank
+        runs the same sequence of calls.
+        """
+        B, H, G, n, d = qg.shape
+        k = idx.shape[-1]
+        Bs = self.args.block_size
+        if bank is None or bank.local_frames == 0:
+            kk = qg.new_zeros(B, H, G, k * Bs, d)
+            return attend(qg, kk, kk, key_mask=torch.zeros(B, H, G, k * Bs, dtype=torch.bool, device=qg.device),
+                          backend=self.args.backend)
+        n_loc = bank.k_pool.shape[2] * bank.k_pool.shape[3]
+        lo = bank.frame_offset * bank.blocks_per_frame
+        local = idx - lo
+        owned = valid & (local >= 0) & (local < n_loc)
+        local = torch.where(owned, local, torch.zeros_like(local))                  # [B, H, G, k]
+        base = (torch.arange(B * H, device=qg.device) * n_loc).view(B, H, 1, 1)
+        rows = (base + local).reshape(-1)                                            # flat block rows
+        kb = bank.k.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, k * Bs, d)
+        vb = bank.v.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, k * Bs, d)
+        mask = owned.repeat_interleave(Bs, dim=-1)                                   # [B, H, G, k*B]
+        tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
+        return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
+
+    # ----------------------------------------------------------------------------
+    # Bookkeeping
+    # ----------------------------------------------------------------------------
+
+    def _check_frames(self, N, Nf):
+        if Nf <= 0 or N % Nf:
+            raise ValueError(f"{N} tokens are not a whole number of frames of {Nf} tokens")
+        if Nf % self.args.block_size:
+            raise ValueError(f"frames of {Nf} tokens cannot be cut into blocks of block_size={self.args.block_size}")
+
+    def _attended_tokens(self, N, Nf, L, w_lo, old):
+        """Key tokens each query reads (upper bound for sparse strategies)."""
+        a = self.args
+        win = max(0, L - w_lo) * Nf
+        if a.strategy == "window":
+            return win + N
+        if a.strategy in ("dense", "dense_decay"):
+            return L * Nf + N
+        sel = min(a.top_k * a.block_size, old * Nf) if a.strategy == "decmem" else min(a.fov_frames, old) * Nf
+        return sel + win + N
+
+    @torch.no_grad()
+    def _entropy(self, q, k_chunk, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames):
+        """Attention entropy of the memory read (SGM branch for decmem, the full softmax otherwise)."""
+        a = self.args
+        B, H, N, d = q.shape
+        e_chunk = expected_logit(q, k_chunk)
+        if a.strategy == "window":
+            return {"entropy": softmax_entropy_parts([self._frames_expect(q, win_kv), e_chunk]).mean()}
+        if a.strategy in ("dense", "dense_decay"):
+            kv = bank.frames(0, L) if bank is not None else None
+            bias = None
+            if kv is not None and a.strategy == "dense_decay":
+                n = kv[0].shape[2]
+                t = bank.frame_offset + torch.arange(n, device=q.device)
+                bias = (-a.decay * (chunk_start - t).to(q.dtype)).repeat_interleave(kv[0].shape[3])
+            return {"entropy": softmax_entropy_parts([self._frames_expect(q, kv, bias), e_chunk]).mean()}
+        # selected blocks (single-process view: bank holds every block)
+        idx, valid = stats["selected"], stats["selected_valid"]
+        G = idx.shape[2]
+        Bs = a.block_size
+        if bank is None or bank.local_frames == 0:
+            sel = (torch.full((B, H, N), -math.inf, device=q.device, dtype=e_chunk[0].dtype), torch.zeros_like(e_chunk[1]))
+        else:
+            n_loc = bank.k_pool.shape[2] * bank.k_pool.shape[3]
+            base = (torch.arange(B * H, device=q.device) * n_loc).view(B, H, 1, 1)
+            rows = (base + torch.where(valid, idx, torch.zeros_like(idx))).reshape(-1)
+            kb = bank.k.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, -1, d)
+            bias = None
+            if a.strategy == "decmem" and a.retrieval_bias:
+                bias = retrieval_log_weights(stats["scores"], idx, valid).repeat_interleave(Bs, dim=-1)
+            lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, valid.repeat_interleave(Bs, dim=-1))
+            sel = (lse.reshape(B, H, N), e.reshape(B, H, N))
+        out = {"entropy": softmax_entropy_parts([sel, e_chunk]).mean()}
+        if a.strategy == "decmem":
+            out["entropy_sgm"] = out["entropy"]
+        return out
+
+    def _frames_expect(self, q, kv, key_bias=None):
+        if kv is None:
+            return expected_logit(q, q[..., :0, :])
+        kf = kv[0]
+        B, H, n, Nf, d = kf.shape
+        kb = None if key_bias is None else key_bias.expand(B, H, n * Nf)
+        return expected_logit(q, kf.reshape(B, H, n * Nf, d), kb)

@@ -1,0 +1,76 @@
+"""Per-layer memory-bank tensors and the single-process memory context.
+
+The attention layer never talks to other processes. It is handed a context
+object and calls its methods; this file's ``LocalMemory`` is the one-process
+answer to each of them. The context-parallel version (training/) owns a
+contiguous range of bank frames and answers the same calls with collectives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+#################################################################################
+#                                 Bank Tensors                                  #
+#################################################################################
+
+@dataclass
+class BankLayer:
+    """One layer's memory: K/V of every locally held bank frame and one pooled key per block."""
+
+    k: torch.Tensor          # [B, H, T_local, N_f, d], tokens block-major within a frame
+    v: torch.Tensor          # [B, H, T_local, N_f, d]
+    k_pool: torch.Tensor     # [B, H, T_local, n_b, d], mean key of each block
+    frame_offset: int = 0    # global frame index of local frame 0 (non-zero on a cp shard)
+
+    @property
+    def local_frames(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def blocks_per_frame(self) -> int:
+        return self.k_pool.shape[3]
+
+    def frames(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of local frames with global index in [lo, hi): [B, H, n, N_f, d] each."""
+        a = min(max(lo - self.frame_offset, 0), self.local_frames)
+        b = min(max(hi - self.frame_offset, 0), self.local_frames)
+        return self.k[:, :, a:b], self.v[:, :, a:b]
+
+
+#################################################################################
+#                            Single-process Context                             #
+#################################################################################
+
+class LocalMemory:
+    """The memory-parallel context of a single process: the whole bank is local."""
+
+    def global_frames(self, bank: BankLayer | None) -> int:
+        """Total bank frames across the group."""
+        return 0 if bank is None else bank.frame_offset + bank.local_frames
+
+    def gather_scores(self, local_scores: torch.Tensor, bank: BankLayer | None) -> torch.Tensor:
+        """Block scores of the local bank [..., n_local] -> of the whole bank [..., n_global]."""
+        return local_scores
+
+    def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine partial attentions over disjoint bank shards (identity on one process)."""
+        return out, lse
+
+    def window_kv(self, bank: BankLayer | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K/V of global bank frames [lo, hi), replicated on every rank: [B, H, n, N_f, d] each."""
+        if bank is None or hi <= lo:
+            return None
+        return bank.frames(lo, hi)
+
+    def count_bytes(self, name: str, n: int) -> None:
+        """Bytes a collective moved (nothing moves on one process)."""
+
+
+LOCAL = LocalMemory()

@@ -1,0 +1,250 @@
+"""DecMem attention against dense references: selection, masking, gradients, causality, dispersion."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.attention import AttentionArgs, DecMemAttention
+from model.blocks import pool_blocks
+from model.memory import BankLayer
+from reference import reference_decmem, reference_dense
+
+F64 = torch.float64
+
+
+def make(strategy="decmem", dim=16, heads=2, dtype=F64, seed=0, **kw):
+    torch.manual_seed(seed)
+    args = AttentionArgs(strategy=strategy, **kw)
+    m = DecMemAttention(dim, heads, args).to(dtype)
+    with torch.no_grad():  # non-trivial gates so both branches matter in the comparison
+        m.gate.weight.normal_(0, 0.3)
+    return m
+
+
+def random_bank(B, H, T, Nf, d, Bs, dtype=F64, requires_grad=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, T, Nf, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    v = torch.randn(B, H, T, Nf, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    return k, v, BankLayer(k, v, pool_blocks(k, Bs).view(B, H, T, Nf // Bs, d))
+
+
+# ------------------------------------------------------------------------------------
+# Sparse gathered path == masked-dense reference
+# ------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2), H=st.sampled_from([1, 2]), Nf=st.sampled_from([4, 8, 16]), Bs_div=st.sampled_from([1, 2, 4]),
+    T=st.integers(0, 9), C=st.integers(1, 2), W=st.integers(1, 4), k=st.integers(1, 12), extra=st.integers(0, 3),
+    merge=st.sampled_from(["gate", "joint"]), bias=st.booleans(),
+)
+def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias):
+    Bs = max(1, Nf // Bs_div)
+    m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias)
+    chunk_start = max(0, T - extra)  # bank may hold frames at/after the chunk: they must be ignored
+    kb, vb, bank = random_bank(B, H, T, Nf, 8, Bs)
+    x = torch.randn(B, C * Nf, 8 * H, dtype=F64)
+    out, stats = m(x, bank if T else None, chunk_start, Nf)
+    ref, selected = reference_decmem(m, x, kb, vb, chunk_start, Nf, merge, bias)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    got = torch.zeros_like(selected)
+    idx, valid = stats["selected"], stats["selected_valid"]
+    for pos in valid.nonzero().tolist():
+        got[pos[0], pos[1], pos[2], idx[tuple(pos)]] = True
+    assert torch.equal(got, selected)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_sparse_matches_reference_fp32(backend):
+    m = make(dim=32, heads=4, dtype=torch.float32, block_size=4, top_k=3, window=3, backend=backend)
+    kb, vb, bank = random_bank(2, 4, 12, 16, 8, 4, dtype=torch.float32)
+    x = torch.randn(2, 32, 32)
+    out, _ = m(x, bank, 10, 16)
+    ref, _ = reference_decmem(m.double(), x.double(), kb.double(), vb.double(), 10, 16, "gate", True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------
+# k = all blocks, joint merge, no bias == dense attention (forward and gradients)
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,chunk_start,W", [(6, 6, 2), (9, 7, 3), (5, 5, 1), (8, 8, 8)])
+def test_all_blocks_equals_dense(T, chunk_start, W):
+    Nf, Bs, D, H = 8, 4, 16, 2
+    m = make(dim=D, heads=H, block_size=Bs, top_k=10_000, window=W, merge="joint", retrieval_bias=False)
+    mem = torch.randn(1, T * Nf, D, dtype=F64, requires_grad=True)
+    x = torch.randn(1, 2 * Nf, D, dtype=F64, requires_grad=True)
+
+    def run(fn):
+        _, bank = m.encode_memory(mem, Nf)
+        out = fn(bank)
+        w = torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)
+        grads = torch.autograd.grad((out * w).sum(), [mem, x, *m.parameters()], allow_unused=True)
+        return out, grads
+
+    out, g = run(lambda bank: m(x, bank, chunk_start, Nf)[0])
+    ref, gr = run(lambda bank: reference_dense(m, x, bank.k, bank.v, chunk_start, Nf))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g, gr):
+        if b is None:  # the gate is unused by the joint merge and by the reference
+            assert a is None or a.abs().max() == 0
+            continue
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("strategy,decay", [("dense", 0.0), ("dense_decay", 0.3)])
+def test_dense_strategies_match_reference(strategy, decay):
+    m = make(strategy, dim=16, heads=2, block_size=4, decay=decay, window=3)
+    kb, vb, bank = random_bank(2, 2, 10, 8, 8, 4)
+    x = torch.randn(2, 16, 16, dtype=F64)
+    out, _ = m(x, bank, 8, 8)
+    torch.testing.assert_close(out, reference_dense(m, x, kb, vb, 8, 8, decay), atol=1e-12, rtol=1e-12)
+
+
+def test_window_strategy_is_alm_only():
+    m = make("window", block_size=4, window=3)
+    kb, vb, bank = random_bank(1, 2, 10, 8, 8, 4)
+    x = torch.randn(1, 8, 16, dtype=F64)
+    out, _ = m(x, bank, 7, 8)
+    # ALM = dense over frames [5, 7) plus the chunk: a dense read of a bank that starts at frame 5
+    ref = reference_dense(m, x, kb[:, :, 5:7], vb[:, :, 5:7], 2, 8)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------
+# Causality and gradient routing
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["decmem", "dense", "dense_decay", "window"])
+def test_future_frames_never_change_output(strategy):
+    Nf, D, T, t0 = 8, 16, 12, 7
+    m = make(strategy, dim=D, block_size=4, top_k=4, window=3)
+    mem = torch.randn(1, T * Nf, D, dtype=F64)
+    x = torch.randn(1, 2 * Nf, D, dtype=F64)
+    out, stats = m(x, m.encode_memory(mem, Nf)[1], t0, Nf)
+    mem2 = mem.clone()
+    mem2[:, t0 * Nf:] = torch.randn_like(mem2[:, t0 * Nf:]) * 100  # rewrite every frame >= t0
+    out2, stats2 = m(x, m.encode_memory(mem2, Nf)[1], t0, Nf)
+    assert torch.equal(out, out2)
+    if strategy == "decmem":
+        frames = stats["selected"] // (Nf // 4)
+        assert bool((frames[stats["selected_valid"]] < t0 - (3 - 1)).all()), "selection reached the ALM window or the future"
+        assert torch.equal(stats["selected"], stats2["selected"])
+
+
+def test_memory_stream_is_local_and_causal():
+    Nf, D, T, W = 4, 16, 9, 3
+    m = make(dim=D, block_size=4, window=W)
+    mem = torch.randn(1, T * Nf, D, dtype=F64, requires_grad=True)
+    out, bank = m.encode_memory(mem, Nf)
+    t = 6  # output of frame 6 depends on input frames 4, 5, 6 only
+    (g,) = torch.autograd.grad(out[:, t * Nf:(t + 1) * Nf].sum(), mem)
+    dep = g.view(T, Nf, D).abs().sum((1, 2)) > 0
+    assert dep.tolist() == [f in (4, 5, 6) for f in range(T)]
+    # a cp shard: frames 5.. with a halo of W-1 frames reproduces the same outputs and bank
+    out_s, bank_s = m.encode_memory(mem[:, 3 * Nf:], Nf, halo=W - 1)
+    torch.testing.assert_close(out_s, out[:, 5 * Nf:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(bank_s.k, bank.k[:, :, 5:], atol=1e-12, rtol=0)
+
+
+def test_unselected_blocks_get_zero_gradient_and_scores_get_gradient():
+    B, H, T, Nf, d, Bs = 1, 2, 10, 8, 8, 4
+    m = make(dim=16, heads=H, block_size=Bs, top_k=2, window=2, merge="joint")
+    kb = torch.randn(B, H, T, Nf, d, dtype=F64, requires_grad=True)
+    vb = torch.randn(B, H, T, Nf, d, dtype=F64, requires_grad=True)
+    kp = pool_blocks(kb.detach(), Bs).view(B, H, T, Nf // Bs, d).requires_grad_(True)  # separate leaf for scores
+    x = torch.randn(B, Nf, 16, dtype=F64)
+    t0 = 8
+    out, stats = m(x, BankLayer(kb, vb, kp), t0, Nf)
+    out.square().sum().backward()
+    n_b = Nf // Bs
+    sel = torch.zeros(H, T * n_b, dtype=torch.bool)
+    for h in range(H):
+        sel[h, stats["selected"][0, h].flatten()] = True
+    kg = kb.grad[0].reshape(H, T * n_b, Bs * d).abs().sum(-1)
+    vg = vb.grad[0].reshape(H, T * n_b, Bs * d).abs().sum(-1)
+    old_blocks = (t0 - 1) * n_b  # frames < t0 - (W-1) = 7
+    assert bool((kg[:, :old_blocks][~sel[:, :old_blocks]] == 0).all())
+    assert bool((vg[:, :old_blocks][~sel[:, :old_blocks]] == 0).all())
+    assert bool((vg[:, :old_blocks][sel[:, :old_blocks]] > 0).all())
+    assert bool((vg[:, t0 * n_b:] == 0).all()), "future frames received gradient"
+    assert bool((kg[:, (t0 - 1) * n_b:t0 * n_b] > 0).all()), "ALM window frame got no gradient"
+    pg = kp.grad[0].reshape(H, T * n_b, d).abs().sum(-1)
+    assert bool((pg[sel] > 0).all()) and bool((pg[~sel] == 0).all())
+
+    m.args.retrieval_bias = False
+    kp.grad = None
+    m(x, BankLayer(kb, vb, kp), t0, Nf)[0].square().sum().backward()
+    assert kp.grad is None or kp.grad.abs().max() == 0, "scores get gradient only through the retrieval bias"
+
+
+# ------------------------------------------------------------------------------------
+# Retrieval behaviour
+# ------------------------------------------------------------------------------------
+
+def test_planted_revisit_is_ranked_first():
+    """q = k = x: a bank block identical to a query block scores |x̄|^2 = 1, every other unit-mean block less."""
+    torch.manual_seed(3)
+    D, Nf, Bs, T = 16, 16, 4, 40
+    m = make(dim=D, heads=1, block_size=Bs, top_k=3, window=2)
+    with torch.no_grad():
+        m.qkv.weight.copy_(torch.cat([torch.eye(D)] * 3).double())
+        m.qkv.bias.zero_()
+
+    def frames(n):  # each block: a random unit mean direction plus zero-mean noise
+        mean = torch.nn.functional.normalize(torch.randn(n * Nf // Bs, 1, D, dtype=F64), dim=-1)
+        noise = torch.randn(n * Nf // Bs, Bs, D, dtype=F64)
+        return (mean + noise - noise.mean(1, keepdim=True)).reshape(1, n * Nf, D)
+
+    mem, x = frames(T), frames(1)
+    plant_frame, plant_block, query_block = 11, 2, 1
+    mem.view(1, T, Nf // Bs, Bs, D)[0, plant_frame, plant_block] = x.view(Nf // Bs, Bs, D)[query_block]
+    _, bank = m.encode_memory(mem, Nf)
+    _, stats = m(x, bank, T, Nf)
+    scores = stats["scores"][0, 0, query_block]
+    assert int(scores.argmax()) == plant_frame * (Nf // Bs) + plant_block
+    assert plant_frame * (Nf // Bs) + plant_block in stats["selected"][0, 0, query_block].tolist()
+
+
+def test_ties_resolve_to_lower_block_index():
+    from model.retrieval import topk_blocks
+
+    s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -math.inf, 3.0]])
+    idx, valid = topk_blocks(s, 3)
+    assert idx.tolist() == [[1, 2, 4]] and valid.all()
+    idx, valid = topk_blocks(torch.tensor([[0.5, -math.inf, -math.inf]]), 4)
+    assert valid.tolist() == [[True, False, False, False]] and idx[0, 0] == 0
+    idx, valid = topk_blocks(torch.zeros(2, 0), 2)
+    assert not valid.any()
+
+
+def test_sgm_entropy_bounded_while_dense_grows():
+    Nf, Bs, k, D = 16, 4, 4, 32
+    ent = {"decmem": [], "dense": []}
+    for T in (8, 32, 128, 512):
+        for strat in ent:
+            m = make(strat, dim=D, heads=2, block_size=Bs, top_k=k, window=2, seed=5)
+            mem = torch.randn(1, T * Nf, D, dtype=F64, generator=torch.Generator().manual_seed(T))
+            x = torch.randn(1, Nf, D, dtype=F64, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                _, bank = m.encode_memory(mem, Nf)
+                _, stats = m(x, bank, T, Nf, return_stats=True)
+            ent[strat].append(float(stats["entropy"]))
+    bound = math.log(k * Bs + Nf)
+    assert all(e <= bound + 1e-9 for e in ent["decmem"]), (ent, bound)
+    assert ent["dense"][-1] > ent["dense"][0] + 2.0 and ent["dense"][-1] > bound, ent
+    assert ent["decmem"][-1] - ent["decmem"][0] < 1.0, ent
+
+
+def test_bad_geometry_is_a_clear_error():
+    m = make(block_size=3)
+    with pytest.raises(ValueError, match="block_size=3"):
+        m(torch.randn(1, 8, 16, dtype=F64), None, 0, 8)
+    with pytest.raises(ValueError, match="whole number of frames"):
+        m(torch.randn(1, 10, 16, dtype=F64), None, 0, 8)
+    with pytest.raises(ValueError, match="attention.strategy"):
+        AttentionArgs(strategy="sparse")
