@@ -63,7 +63,7 @@ class AttentionArgs:
         ]
         for ok, key, expected, got in checks:
             if not ok:
-                raise ValueError(f"attention.{key}: expected {expected}, got {got!r}")
+                raise ValueError(f"{key}: expected {expected}, got {got!r}")
 
 
 #################################################################################

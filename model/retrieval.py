@@ -21,8 +21,10 @@ def topk_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     ascending within a row) and valid [..., k] (False for padding slots and for
     ineligible blocks, which only fill slots when fewer than k are eligible).
     ``torch.topk`` alone leaves tie order unspecified, which would let two cp
-    ranks pick different blocks; here the k-th value is found, every block
-    strictly above it is kept, and the tied ones are taken in index order.
+    ranks pick different blocks; rows whose k-th value is tied with a block
+    outside topk's pick are redone: every block strictly above the k-th value
+    is kept, and the tied ones are taken in index order. (Ties at -inf need no
+    care: those slots are invalid whatever index they hold.)
     """
     *lead, n = scores.shape
     idx = torch.zeros(*lead, k, dtype=torch.long, device=scores.device)
@@ -31,16 +33,27 @@ def topk_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if kk == 0:
         return idx, valid
     s = scores.detach()
-    kth = s.topk(kk, dim=-1).values[..., -1:]                                    # [..., 1]
+    vals, sel = s.topk(kk, dim=-1)                                               # [..., kk], descending
+    kth = vals[..., -1:]
+    # rows where the k-th value also occurs outside topk's pick: the pick is then ambiguous
+    ambiguous = ((s == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth.squeeze(-1))
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero(as_tuple=True)
+        sel[rows] = _tie_break(s[rows], kth[rows], kk)
+    sel = sel.sort(dim=-1).values                                                # ascending block index
+    idx[..., :kk] = sel
+    valid[..., :kk] = torch.isfinite(s.gather(-1, sel))
+    return idx, valid
+
+
+def _tie_break(s: torch.Tensor, kth: torch.Tensor, kk: int) -> torch.Tensor:
+    """Rows [r, n]: every block above the k-th value, then tied ones in index order -> [r, kk]."""
     above = s > kth
     tied = s == kth
     need = kk - above.sum(dim=-1, keepdim=True)
     chosen = above | (tied & (tied.cumsum(dim=-1) <= need))                      # exactly kk per row
-    positions = torch.arange(n, device=s.device).expand_as(s)
-    sel = torch.where(chosen, positions, torch.full_like(positions, n)).topk(kk, dim=-1, largest=False).values
-    idx[..., :kk] = sel                                                          # ascending block index
-    valid[..., :kk] = torch.isfinite(s.gather(-1, sel))
-    return idx, valid
+    positions = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+    return torch.where(chosen, positions, torch.full_like(positions, s.shape[-1])).topk(kk, dim=-1, largest=False).values
 
 
 def retrieval_log_weights(scores: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+# The README's two commands. Each does all set-up itself on a fresh machine.
+#   make test   install into .venv, run the test suite
+#   make demo   install into .venv, run the main end-to-end job
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.decmem-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the local CPU wheel: an unpinned torch (or a package
+# asking for one) would pull several GB of CUDA packages.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests -q
+
+# Until the end-to-end demo lands (train + generate on rendered scenes), the
+# most end-to-end thing that exists is the attention benchmark.
+demo: setup
+	@echo "make demo: the full demo (render -> shards -> train -> rollouts) is not built yet;"
+	@echo "           running the attention benchmark instead, every strategy side by side."
+	$(VENV)/bin/decmem bench attention -c configs/bench_cpu.yaml --bank-frames 8,32,128,448 \
+		--json runs/demo/bench_attention.json
+	@echo "make demo: results in runs/demo/bench_attention.json (table above)."
+
+bench: setup
+	$(VENV)/bin/decmem bench attention -c configs/bench_cpu.yaml --bank-frames 8,32,128,448,512 \
+		--repeats 15 --json runs/bench/attention_cpu.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info

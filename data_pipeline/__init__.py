@@ -1,0 +1,1 @@
+"""Source readers, preprocessing into WebDataset shards, loaders and cameras (see DESIGN §2)."""

@@ -1,0 +1,1 @@
+"""SLURM launching through submitit (see DESIGN §6)."""

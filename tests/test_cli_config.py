@@ -1,0 +1,98 @@
+"""Config system and CLI: located errors, overrides, resolved dumps, the bench subcommand."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from training.cli import main
+from training.config import ConfigError, dump_config, load_config, to_dict
+from training.run_config import RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "name: x\nattention:\n  strategy: decmem\n  top_kk: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(RunConfig, path)
+    msg = str(e.value)
+    assert f"{path} line 4" in msg and "'attention.top_kk'" in msg and "did you mean 'attention.top_k'" in msg
+
+
+def test_misplaced_key_suggests_its_full_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'block_size' \(did you mean 'attention.block_size'\?\)"):
+        load_config(RunConfig, write(tmp_path, "block_size: 4\n"))
+
+
+def test_wrong_type_and_bad_value_are_located(tmp_path):
+    path = write(tmp_path, "bench:\n  dim: wide\n")
+    with pytest.raises(ConfigError, match=rf"{path} line 2: key 'bench.dim' expects an integer, got 'wide'"):
+        load_config(RunConfig, path)
+    path = write(tmp_path, "attention:\n  merge: average\n", "b.yaml")
+    with pytest.raises(ConfigError, match=rf"{path} line 2: attention.merge: expected one of"):
+        load_config(RunConfig, path)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RunConfig, write(tmp_path, "a: [1, 2\n", "c.yaml"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(RunConfig, None, ["attention.top_k"])
+
+
+def test_overrides_win_and_dump_round_trips(tmp_path):
+    path = write(tmp_path, "seed: 3\nattention:\n  top_k: 4\n  window: 2\n")
+    cfg = load_config(RunConfig, path, ["attention.top_k=16", "bench.backward=true", "attention.decay=1"])
+    assert (cfg.seed, cfg.attention.top_k, cfg.attention.window) == (3, 16, 2)
+    assert cfg.bench.backward is True and cfg.attention.decay == 1.0 and isinstance(cfg.attention.decay, float)
+    out = tmp_path / "run" / "config.yaml"
+    dump_config(cfg, str(out))
+    again = load_config(RunConfig, str(out))
+    assert to_dict(again) == to_dict(cfg)
+    assert yaml.safe_load(out.read_text())["attention"]["top_k"] == 16
+
+
+def test_shipped_configs_load():
+    for name in os.listdir(os.path.join(ROOT, "configs")):
+        load_config(RunConfig, os.path.join(ROOT, "configs", name))
+
+
+def test_cli_config_reports_errors_with_exit_code(tmp_path, capsys):
+    assert main(["config", "attention.top_kk=3"]) == 2
+    assert "did you mean 'attention.top_k'" in capsys.readouterr().err
+    assert main(["config", "-c", os.path.join(ROOT, "configs/debug.yaml"), "--out", str(tmp_path)]) == 0
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["name"] == "debug"
+
+
+def test_bench_attention_writes_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "attention", "-c", os.path.join(ROOT, "configs/debug.yaml"),
+               "--bank-frames", "4,16", "--json", str(out), "bench.repeats=1"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert {(r["strategy"], r["bank_frames"]) for r in rows} == {
+        (s, t) for s in ("decmem", "dense", "dense_decay", "fov_frames", "window") for t in (4, 16)}
+    for r in rows:
+        assert {"strategy", "bank_frames", "tokens_per_frame", "median_ms", "attended_tokens"} <= set(r)
+        assert r["median_ms"] > 0 and r["tokens_per_frame"] == 16
+    by = {(r["strategy"], r["bank_frames"]): r["attended_tokens"] for r in rows}
+    # debug: 16 tokens/frame, chunk 1 frame, W=2, k=4 blocks of 4 -> decmem reads 16 + 16 + 16 at most
+    assert by[("dense", 16)] == 16 * 16 + 16 and by[("decmem", 16)] == 4 * 4 + 16 + 16
+    assert by[("decmem", 16)] == by[("decmem", 4)]        # flat in bank size
+
+
+def test_console_script_help():
+    exe = os.path.join(os.path.dirname(sys.executable), "decmem")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "training.cli"]
+    r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, check=True)
+    assert "bench" in r.stdout and "config" in r.stdout
+    r = subprocess.run(cmd + ["bench", "attention", "--strategies", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown strategy" in r.stderr

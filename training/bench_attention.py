@@ -1,0 +1,128 @@
+"""``decmem bench attention``: one attention layer per strategy and bank size, timed side by side.
+
+Every strategy reads the same synthetic bank with the same queries in the same
+process, so ratios between rows are meaningful; absolute times depend on the
+machine (recorded in the output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from model.attention import DecMemAttention
+from model.blocks import BlockLayout, pool_blocks
+from model.kernels import resolve_backend
+from model.memory import BankLayer
+from model.retrieval import select_fov_frames
+
+
+def orbit_cameras(n: int, hw: tuple[int, int], radius: float = 2.0, turns: float = 1.5):
+    """A camera circling a point and looking at it: K [1, n, 3, 3], c2w [1, n, 4, 4] (OpenCV axes)."""
+    H, W = hw
+    K = torch.tensor([[0.8 * W, 0, W / 2], [0, 0.8 * W, H / 2], [0, 0, 1.0]]).expand(1, n, 3, 3).clone()
+    c2w = torch.eye(4).repeat(1, n, 1, 1)
+    for i in range(n):
+        a = 2 * math.pi * turns * i / max(1, n)
+        pos = torch.tensor([radius * math.sin(a), 0.0, -radius * math.cos(a)])
+        fwd = -pos / pos.norm()                                   # look at the origin
+        right = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]), fwd)   # y is down in OpenCV
+        right = right / right.norm()
+        down = torch.linalg.cross(fwd, right)
+        c2w[0, i, :3, :3] = torch.stack([right, down, fwd], dim=1)
+        c2w[0, i, :3, 3] = pos
+    return K, c2w
+
+
+def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print):
+    """Time every (strategy, bank size); returns the list of result rows."""
+    b, a = cfg.bench, cfg.attention
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    dtype = getattr(torch, b.dtype)
+    dev = torch.device(b.device)
+    layout = BlockLayout(b.frame_h, b.frame_w, a.block_size)  # validates the tiling up front
+    Nf, H, d = layout.tokens, b.n_heads, b.dim // b.n_heads
+    C, Bt = b.chunk_frames, b.batch
+    rows = []
+    for T in bank_frames:
+        g = torch.Generator().manual_seed(cfg.seed + T)
+        kb = torch.randn(Bt, H, T, Nf, d, generator=g).to(dev, dtype)
+        vb = torch.randn(Bt, H, T, Nf, d, generator=g).to(dev, dtype)
+        bank = BankLayer(kb, vb, pool_blocks(kb, a.block_size).view(Bt, H, T, -1, d))
+        x = torch.randn(Bt, C * Nf, b.dim, generator=g).to(dev, dtype)
+        Kc, c2w = orbit_cameras(T + C, (b.frame_h * 8, b.frame_w * 8))
+        for strategy in strategies:
+            torch.manual_seed(cfg.seed)
+            layer = DecMemAttention(b.dim, H, dataclasses.replace(a, strategy=strategy)).to(dev, dtype)
+
+            def step():
+                fov = None
+                if strategy == "fov_frames":
+                    fov = select_fov_frames(Kc[:, :T], c2w[:, :T], Kc[:, T:], c2w[:, T:], (b.frame_h * 8, b.frame_w * 8),
+                                            a.fov_frames, max(0, T - (a.window - 1)), T, a.fov_age_penalty)
+                out, stats = layer(x, bank, T, Nf, fov_frames=fov)
+                if b.backward:
+                    out.sum().backward()
+                return stats
+
+            times = []
+            with torch.set_grad_enabled(b.backward):
+                for i in range(b.warmup + b.repeats):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    stats = step()
+                    _sync(dev)
+                    if i >= b.warmup:
+                        times.append((time.perf_counter() - t0) * 1e3)
+            rows.append({
+                "strategy": strategy, "bank_frames": T, "tokens_per_frame": Nf, "bank_tokens": T * Nf,
+                "query_tokens": C * Nf, "attended_tokens": int(stats["attended_tokens"]),
+                "median_ms": statistics.median(times), "min_ms": min(times), "repeats": b.repeats,
+                "block_size": a.block_size, "top_k": a.top_k, "window": a.window, "heads": H, "head_dim": d,
+                "dtype": b.dtype, "device": str(dev), "backend": resolve_backend(a.backend, x),
+                "backward": b.backward, "threads": torch.get_num_threads(),
+            })
+            log(_row_line(rows[-1]))
+    _add_ratios(rows)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__}
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump([dict(r, machine=machine) for r in rows], f, indent=1)
+    return rows
+
+
+def format_table(rows) -> str:
+    """Markdown table of the rows, with the cost relative to dense at the same bank size."""
+    head = "| strategy | bank frames | bank tokens | attended tokens | median ms | dense / this |\n|---|---:|---:|---:|---:|---:|"
+    lines = [head]
+    for r in rows:
+        ratio = f"{r['speedup_vs_dense']:.1f}x" if r.get("speedup_vs_dense") else "-"
+        lines.append(f"| {r['strategy']} | {r['bank_frames']} | {r['bank_tokens']} | {r['attended_tokens']} | "
+                     f"{r['median_ms']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _add_ratios(rows):
+    dense = {r["bank_frames"]: r["median_ms"] for r in rows if r["strategy"] == "dense"}
+    for r in rows:
+        if r["bank_frames"] in dense:
+            r["speedup_vs_dense"] = dense[r["bank_frames"]] / r["median_ms"]
+
+
+def _row_line(r):
+    return (f"{r['strategy']:>12}  bank {r['bank_frames']:>4} frames  attended {r['attended_tokens']:>7}  "
+            f"median {r['median_ms']:8.2f} ms")
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

@@ -1,0 +1,116 @@
+"""``decmem``: the one command-line entry point. Each subcommand is a stage a user can run alone."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from training.config import ConfigError, dump_config, load_config
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{s}'") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got '{s}'")
+    return vals
+
+
+def _strategies(s: str) -> list[str]:
+    from model.attention import STRATEGIES
+
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in vals if v not in STRATEGIES]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown strategy {bad or s!r}; expected a comma-separated subset of {','.join(STRATEGIES)}")
+    return vals
+
+
+def _add_config_args(p):
+    p.add_argument("--config", "-c", default=None, help="YAML run config (configs/*.yaml); defaults if omitted")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. attention.top_k=8")
+
+
+def _load(args):
+    from training.run_config import RunConfig
+
+    return load_config(RunConfig, args.config, args.overrides)
+
+
+#################################################################################
+#                                  Subcommands                                  #
+#################################################################################
+
+def cmd_bench_attention(args) -> int:
+    from training.bench_attention import format_table, run_attention_bench
+
+    cfg = _load(args)
+    if args.repeats is not None:
+        cfg.bench.repeats = args.repeats
+    rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json,
+                               log=lambda s: print(s, flush=True))
+    print()
+    print(format_table(rows))
+    if args.json:
+        print(f"\nwrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = _load(args)
+    import yaml
+
+    from training.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
+    if args.out:
+        path = os.path.join(args.out, "config.yaml")
+        dump_config(cfg, path)
+        print(f"# resolved config written to {path}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="decmem",
+        description="DecMem: camera-controlled video world models with sparse global + anchored local memory.",
+        epilog="Each subcommand is one stage; `decmem SUBCOMMAND --help` for its options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks: time components side by side, write JSON + a table",
+                           description="Benchmarks that time components side by side in one process.")
+    bsub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    att = bsub.add_parser("attention", help="one attention layer per strategy and memory-bank size",
+                          description="Time one DecMem attention layer (query stream reading a synthetic bank) "
+                                      "for every strategy and bank size; median of repeats, same inputs.")
+    att.add_argument("--strategies", type=_strategies, default=_strategies("decmem,dense,dense_decay,fov_frames,window"),
+                     help="comma-separated strategies (default: all)")
+    att.add_argument("--bank-frames", type=_int_list, default=[8, 32, 128, 512], help="comma-separated bank sizes in frames")
+    att.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
+    att.add_argument("--repeats", type=int, default=None, help="timed repeats per point (overrides bench.repeats)")
+    _add_config_args(att)
+    att.set_defaults(func=cmd_bench_attention)
+
+    cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
+                         description="Load CONFIG plus key=value overrides, report the first problem with file, "
+                                     "line and key, else print the resolved YAML.")
+    _add_config_args(cfg)
+    cfg.add_argument("--out", default=None, help="also write DIR/config.yaml")
+    cfg.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"decmem: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

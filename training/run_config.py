@@ -1,0 +1,52 @@
+"""The run config: one dataclass composing every component's ``...Args``.
+
+Later components (model, data, trainer, slurm) add their own ``...Args`` here;
+``configs/*.yaml`` set any subset of keys and ``key=value`` overrides the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.attention import AttentionArgs
+from training.config import register_root
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+@dataclass
+class AttentionBenchArgs:
+    """One attention layer over a synthetic bank, timed per strategy and bank size."""
+
+    dim: int = 256                   # model width D
+    n_heads: int = 4
+    frame_h: int = 16                # token grid of one latent frame (N_f = frame_h * frame_w)
+    frame_w: int = 16
+    chunk_frames: int = 2            # C: frames in the query chunk
+    batch: int = 1
+    repeats: int = 7                 # timed repeats per point (the median is reported)
+    warmup: int = 2
+    dtype: str = "float32"
+    device: str = "cpu"
+    backward: bool = False           # time forward + backward instead of forward only
+    threads: int = 0                 # torch intra-op threads, 0 = torch's default
+
+    def __post_init__(self):
+        for key in ("dim", "n_heads", "frame_h", "frame_w", "chunk_frames", "batch", "repeats"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim: expected a multiple of n_heads={self.n_heads}, got {self.dim!r}")
+
+
+@register_root
+@dataclass
+class RunConfig:
+    """A DecMem run: every component's arguments, resolved and dumped into the run directory."""
+
+    name: str = "decmem"
+    run_dir: str = "runs/decmem"
+    seed: int = 0
+    attention: AttentionArgs = field(default_factory=AttentionArgs)
+    bench: AttentionBenchArgs = field(default_factory=AttentionBenchArgs)
