@@ -271,3 +271,22 @@ def test_topk_matches_python_reference_with_many_ties(rows, n, k, seed):
     for r in range(rows):
         want = python_topk(s[r].tolist(), k, [math.isfinite(v) for v in s[r].tolist()])
         assert idx[r][valid[r]].tolist() == want
+
+
+def test_decmem_never_attends_the_whole_bank(monkeypatch):
+    """Every kernel call of the sparse path sees at most max(k*B, window, chunk) keys per query."""
+    import model.attention as att
+
+    calls = []
+    real = att.attend
+
+    def spy(q, k, v, *a, **kw):
+        calls.append(k.shape[-2])
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(att, "attend", spy)
+    Nf, Bs, k, W, T = 16, 4, 3, 3, 64
+    m = make(dim=16, heads=2, block_size=Bs, top_k=k, window=W)
+    _, _, bank = random_bank(1, 2, T, Nf, 8, Bs)
+    m(torch.randn(1, 2 * Nf, 16, dtype=F64), bank, T, Nf)
+    assert calls and max(calls) <= max(k * Bs, (W - 1) * Nf, 2 * Nf) < T * Nf

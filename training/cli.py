@@ -49,6 +49,8 @@ def cmd_bench_attention(args) -> int:
     cfg = _load(args)
     if args.repeats is not None:
         cfg.bench.repeats = args.repeats
+    if args.json:
+        dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")  # the resolved config behind the rows
     rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json,
                                log=lambda s: print(s, flush=True))
     print()
