@@ -108,11 +108,12 @@ class DecMemAttention(nn.Module):
     # Memory stream
     # ----------------------------------------------------------------------------
 
-    def encode_memory(self, x: torch.Tensor, frame_tokens: int, halo: int = 0):
-        """Clean frames with local causal attention; returns (out, BankLayer) for frames >= halo.
+    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None):
+        """Clean frames with local causal attention; returns (out, BankLayer of these frames).
 
-        x: [B, T * N_f, D], frames in time order; the first ``halo`` frames only
-        serve as keys (a cp shard's W-1 frames of left context).
+        x: [B, T * N_f, D], frames in time order. past: (k, v) [B, H, P, N_f, d] of
+        the P <= W-1 frames just before x at this layer (from the bank when
+        streaming, or from the previous rank under context parallelism); keys only.
         """
         B, N, _ = x.shape
         T, W, Nf = N // frame_tokens, self.args.window, frame_tokens
@@ -120,18 +121,21 @@ class DecMemAttention(nn.Module):
         q, k, v = self._heads(x)                                           # [B, H, T*N_f, d]
         H, d = self.n_heads, self.head_dim
         kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, d)
+        P = 0 if past is None else past[0].shape[2]
+        if P > W - 1:
+            raise ValueError(f"past holds {P} frames, the local window needs at most W-1 = {W - 1}")
+        k_all = kf if P == 0 else torch.cat([past[0], kf], dim=2)         # [B, H, P+T, N_f, d]
+        v_all = vf if P == 0 else torch.cat([past[1], vf], dim=2)
         pad = (0, 0, 0, 0, W - 1, 0)                                       # W-1 empty frames in front
-        kw = nn.functional.pad(kf, pad).unfold(2, W, 1)                    # [B, H, T, N_f, d, W]
-        vw = nn.functional.pad(vf, pad).unfold(2, W, 1)
+        kw = nn.functional.pad(k_all, pad).unfold(2, W, 1)[:, :, P:]       # [B, H, T, N_f, d, W]
+        vw = nn.functional.pad(v_all, pad).unfold(2, W, 1)[:, :, P:]
         kw = kw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)      # [B, H, T, W*N_f, d]
         vw = vw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)
-        src = torch.arange(T, device=x.device)[:, None] - (W - 1) + torch.arange(W, device=x.device)  # [T, W]
-        mask = (src >= 0).repeat_interleave(Nf, dim=1).expand(B, H, T, W * Nf)                     # [B, H, T, W*N_f]
-        o, _ = attend(q.view(B, H, T, Nf, d), kw, vw, key_mask=mask, backend=self.args.backend)   # [B, H, T, N_f, d]
-        o = o[:, :, halo:].reshape(B, H, (T - halo) * Nf, d)
-        k_own, v_own = kf[:, :, halo:], vf[:, :, halo:]                    # [B, H, T-halo, N_f, d]
-        k_pool = pool_blocks(k_own, self.args.block_size).view(B, H, T - halo, -1, d)  # [B, H, T', n_b, d]
-        return self._out(o), BankLayer(k_own, v_own, k_pool)
+        src = P + torch.arange(T, device=x.device)[:, None] - (W - 1) + torch.arange(W, device=x.device)  # [T, W]
+        mask = (src >= 0).repeat_interleave(Nf, dim=1).expand(B, H, T, W * Nf)                         # [B, H, T, W*N_f]
+        o, _ = attend(q.view(B, H, T, Nf, d), kw, vw, key_mask=mask, backend=self.args.backend)       # [B, H, T, N_f, d]
+        k_pool = pool_blocks(kf, self.args.block_size).view(B, H, T, -1, d)                           # [B, H, T, n_b, d]
+        return self._out(o.reshape(B, H, N, d)), BankLayer(kf, vf, k_pool)
 
     # ----------------------------------------------------------------------------
     # Query stream
@@ -158,8 +162,10 @@ class DecMemAttention(nn.Module):
         old = min(w_lo, L)                                                 # SGM candidates [0, old)
 
         chunk = attend(q, k, v, backend=a.backend)                         # ([B, H, N, d], [B, H, N])
-        win_kv = ctx.window_kv(bank, w_lo, L)
-        window = self._attend_frames(q, win_kv)
+        win_kv = None
+        if a.strategy not in ("dense", "dense_decay"):                      # dense reads the window anyway
+            win_kv = ctx.window_kv(bank, w_lo, L)
+            window = self._attend_frames(q, win_kv)
 
         if a.strategy == "window":
             out = merge_lse([window, chunk])[0]

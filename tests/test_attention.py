@@ -153,10 +153,11 @@ def test_memory_stream_is_local_and_causal():
     (g,) = torch.autograd.grad(out[:, t * Nf:(t + 1) * Nf].sum(), mem)
     dep = g.view(T, Nf, D).abs().sum((1, 2)) > 0
     assert dep.tolist() == [f in (4, 5, 6) for f in range(T)]
-    # a cp shard: frames 5.. with a halo of W-1 frames reproduces the same outputs and bank
-    out_s, bank_s = m.encode_memory(mem[:, 3 * Nf:], Nf, halo=W - 1)
+    # streaming: frames 5.. given the cached K/V of frames 3, 4 reproduce the same outputs and bank
+    out_s, bank_s = m.encode_memory(mem[:, 5 * Nf:], Nf, past=(bank.k[:, :, 3:5], bank.v[:, :, 3:5]))
     torch.testing.assert_close(out_s, out[:, 5 * Nf:], atol=1e-12, rtol=0)
     torch.testing.assert_close(bank_s.k, bank.k[:, :, 5:], atol=1e-12, rtol=0)
+    torch.testing.assert_close(bank_s.k_pool, bank.k_pool[:, :, 5:], atol=1e-12, rtol=0)
 
 
 def test_unselected_blocks_get_zero_gradient_and_scores_get_gradient():

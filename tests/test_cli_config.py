@@ -23,15 +23,15 @@ def write(tmp_path, text, name="run.yaml"):
 
 
 def test_unknown_key_names_file_line_and_suggestion(tmp_path):
-    path = write(tmp_path, "name: x\nattention:\n  strategy: decmem\n  top_kk: 4\n")
+    path = write(tmp_path, "name: x\nmodel:\n  attention:\n    strategy: decmem\n    top_kk: 4\n")
     with pytest.raises(ConfigError) as e:
         load_config(RunConfig, path)
     msg = str(e.value)
-    assert f"{path} line 4" in msg and "'attention.top_kk'" in msg and "did you mean 'attention.top_k'" in msg
+    assert f"{path} line 5" in msg and "'model.attention.top_kk'" in msg and "did you mean 'model.attention.top_k'" in msg
 
 
 def test_misplaced_key_suggests_its_full_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'block_size' \(did you mean 'attention.block_size'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'block_size' \(did you mean 'model.attention.block_size'\?\)"):
         load_config(RunConfig, write(tmp_path, "block_size: 4\n"))
 
 
@@ -39,25 +39,25 @@ def test_wrong_type_and_bad_value_are_located(tmp_path):
     path = write(tmp_path, "bench:\n  dim: wide\n")
     with pytest.raises(ConfigError, match=rf"{path} line 2: key 'bench.dim' expects an integer, got 'wide'"):
         load_config(RunConfig, path)
-    path = write(tmp_path, "attention:\n  merge: average\n", "b.yaml")
-    with pytest.raises(ConfigError, match=rf"{path} line 2: attention.merge: expected one of"):
+    path = write(tmp_path, "model:\n  attention:\n    merge: average\n", "b.yaml")
+    with pytest.raises(ConfigError, match=rf"{path} line 3: model.attention.merge: expected one of"):
         load_config(RunConfig, path)
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(RunConfig, write(tmp_path, "a: [1, 2\n", "c.yaml"))
     with pytest.raises(ConfigError, match="expected key=value"):
-        load_config(RunConfig, None, ["attention.top_k"])
+        load_config(RunConfig, None, ["model.attention.top_k"])
 
 
 def test_overrides_win_and_dump_round_trips(tmp_path):
-    path = write(tmp_path, "seed: 3\nattention:\n  top_k: 4\n  window: 2\n")
-    cfg = load_config(RunConfig, path, ["attention.top_k=16", "bench.backward=true", "attention.decay=1"])
-    assert (cfg.seed, cfg.attention.top_k, cfg.attention.window) == (3, 16, 2)
-    assert cfg.bench.backward is True and cfg.attention.decay == 1.0 and isinstance(cfg.attention.decay, float)
+    path = write(tmp_path, "seed: 3\nmodel:\n  attention:\n    top_k: 4\n    window: 2\n")
+    cfg = load_config(RunConfig, path, ["model.attention.top_k=16", "bench.backward=true", "model.attention.decay=1"])
+    assert (cfg.seed, cfg.model.attention.top_k, cfg.model.attention.window) == (3, 16, 2)
+    assert cfg.bench.backward is True and cfg.model.attention.decay == 1.0 and isinstance(cfg.model.attention.decay, float)
     out = tmp_path / "run" / "config.yaml"
     dump_config(cfg, str(out))
     again = load_config(RunConfig, str(out))
     assert to_dict(again) == to_dict(cfg)
-    assert yaml.safe_load(out.read_text())["attention"]["top_k"] == 16
+    assert yaml.safe_load(out.read_text())["model"]["attention"]["top_k"] == 16
 
 
 def test_shipped_configs_load():
@@ -66,8 +66,8 @@ def test_shipped_configs_load():
 
 
 def test_cli_config_reports_errors_with_exit_code(tmp_path, capsys):
-    assert main(["config", "attention.top_kk=3"]) == 2
-    assert "did you mean 'attention.top_k'" in capsys.readouterr().err
+    assert main(["config", "model.attention.top_kk=3"]) == 2
+    assert "did you mean 'model.attention.top_k'" in capsys.readouterr().err
     assert main(["config", "-c", os.path.join(ROOT, "configs/debug.yaml"), "--out", str(tmp_path)]) == 0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["name"] == "debug"
 

@@ -42,7 +42,7 @@ def orbit_cameras(n: int, hw: tuple[int, int], radius: float = 2.0, turns: float
 
 def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print):
     """Time every (strategy, bank size); returns the list of result rows."""
-    b, a = cfg.bench, cfg.attention
+    b, a = cfg.bench, cfg.model.attention
     if b.threads:
         torch.set_num_threads(b.threads)
     dtype = getattr(torch, b.dtype)

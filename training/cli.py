@@ -30,7 +30,7 @@ def _strategies(s: str) -> list[str]:
 
 def _add_config_args(p):
     p.add_argument("--config", "-c", default=None, help="YAML run config (configs/*.yaml); defaults if omitted")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. attention.top_k=8")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.attention.top_k=8")
 
 
 def _load(args):

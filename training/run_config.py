@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.attention import AttentionArgs
+from model.diffusion import DiffusionArgs
+from model.dit import ModelArgs
 from training.config import register_root
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -48,5 +49,6 @@ class RunConfig:
     name: str = "decmem"
     run_dir: str = "runs/decmem"
     seed: int = 0
-    attention: AttentionArgs = field(default_factory=AttentionArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
     bench: AttentionBenchArgs = field(default_factory=AttentionBenchArgs)

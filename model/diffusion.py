@@ -1,0 +1,72 @@
+"""Rectified flow: x_τ = (1-τ)·x0 + τ·ε, the network predicts v = ε - x0; Euler sampling from τ=1 to 0."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DiffusionArgs:
+    """Training-time noise and inference-time sampling."""
+
+    logit_normal_mean: float = 0.0    # τ = sigmoid(N(mean, std)) (SD3's logit-normal sampling)
+    logit_normal_std: float = 1.0
+    sample_steps: int = 20            # Euler steps per generated chunk
+    shift: float = 1.0                # τ' = shift·τ / (1 + (shift-1)·τ): >1 spends more steps at high noise
+
+    def __post_init__(self):
+        if self.sample_steps < 1:
+            raise ValueError(f"sample_steps: expected >= 1, got {self.sample_steps}")
+        if self.logit_normal_std <= 0 or self.shift <= 0:
+            raise ValueError("logit_normal_std: expected > 0" if self.logit_normal_std <= 0 else "shift: expected > 0")
+
+
+def sample_tau(n: int, args: DiffusionArgs, generator=None, device="cpu") -> torch.Tensor:
+    z = torch.randn(n, generator=generator, device=device) * args.logit_normal_std + args.logit_normal_mean
+    return torch.sigmoid(z)
+
+
+def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArgs, actions=None, generator=None,
+                        ctx=None, return_stats=False):
+    """Mean-squared velocity error on the target chunks only.
+
+    latents [B, T, C, h, w] (clean), K/c2w [B, T, ...]; chunk_starts: frame index of
+    each target chunk. The memory stream encodes frames [0, max start) once; each
+    chunk reads only the frames before its own start.
+    """
+    B, T = latents.shape[:2]
+    C = model.args.chunk_frames
+    if not chunk_starts or min(chunk_starts) < 0 or max(chunk_starts) + C > T:
+        raise ValueError(f"chunk starts {list(chunk_starts)} must lie in [0, {T - C}] for clips of {T} frames and chunks of {C}")
+    last = max(chunk_starts)
+    act = (lambda a, b: actions[:, a:b]) if actions is not None else (lambda a, b: None)
+    bank = model.encode_memory(latents[:, :last], K[:, :last], c2w[:, :last], 0, act(0, last), ctx=ctx) if last else None
+    losses, stats = [], {}
+    for t0 in chunk_starts:
+        x0 = latents[:, t0:t0 + C]
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
+        x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
+        pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats)
+        losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
+    stats["bank_tokens"] = bank.tokens() if bank is not None else 0
+    return torch.stack(losses).mean(), stats
+
+
+def timesteps(args: DiffusionArgs, device="cpu") -> torch.Tensor:
+    t = torch.linspace(1.0, 0.0, args.sample_steps + 1, device=device)
+    return args.shift * t / (1 + (args.shift - 1) * t)
+
+
+@torch.no_grad()
+def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, actions=None, generator=None,
+                 device="cpu", dtype=torch.float32, ctx=None):
+    """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps: [B, C, C_lat, h, w]."""
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    ts = timesteps(args, device)
+    for i in range(args.sample_steps):
+        tau = ts[i].expand(shape[0]).to(dtype)
+        v, _ = model(x, tau, K, c2w, chunk_start, bank, actions, ctx)
+        x = x + (ts[i + 1] - ts[i]).to(dtype) * v
+    return x

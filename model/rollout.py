@@ -1,0 +1,83 @@
+"""Streaming long-video generation: chunk by chunk along a camera path, each finished chunk encoded into the bank once."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model.bank import MemoryBank
+from model.diffusion import DiffusionArgs, euler_sample
+
+
+@dataclass
+class Rollout:
+    """Generated latents with their timing."""
+
+    latents: torch.Tensor                                 # [B, N + M, C, h, w]: init frames then generated ones
+    init_frames: int
+    chunk_seconds: list[float] = field(default_factory=list)
+    chunk_frames: list[int] = field(default_factory=list)
+    attended_tokens: list[int] = field(default_factory=list)
+    bank: MemoryBank | None = None
+
+    def seconds_per_latent(self) -> list[float]:
+        """Per generated latent frame: its chunk's wall time (sampling + encoding) / frames kept."""
+        return [s / n for s, n in zip(self.chunk_seconds, self.chunk_frames) for _ in range(n)]
+
+
+@torch.no_grad()
+def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, actions=None, generator=None,
+            gt_latents=None, teacher_forcing: bool = False, bank: MemoryBank | None = None, on_chunk=None) -> Rollout:
+    """Generate n_new latent frames after init_latents [B, N, C, h, w] along cameras K/c2w [B, >= N + n_new, ...].
+
+    The bank starts from the N given frames (or from ``bank`` when resuming a
+    paused rollout) and grows by one memory-stream encode of each chunk. With
+    teacher_forcing the bank takes the ground-truth chunk (gt_latents) instead
+    of the generated one: a diagnostic of how well the model reads its memory.
+    """
+    B, N = init_latents.shape[:2]
+    C = model.args.chunk_frames
+    total = N + n_new
+    if K.shape[1] < total or c2w.shape[1] < total:
+        raise ValueError(f"camera path has {min(K.shape[1], c2w.shape[1])} frames, need {total} (init {N} + new {n_new})")
+    if teacher_forcing and (gt_latents is None or gt_latents.shape[1] < total):
+        raise ValueError("teacher_forcing needs gt_latents covering every generated frame")
+    dev, dt = init_latents.device, init_latents.dtype
+    act = (lambda a, b: actions[:, a:b]) if actions is not None else (lambda a, b: None)
+    if bank is None:
+        bank = model.encode_memory(init_latents, K[:, :N], c2w[:, :N], 0, act(0, N)) if N else None
+    out = [init_latents]
+    res = Rollout(init_latents, N, bank=bank)
+    t = N if bank is None else bank.frame_offset + bank.frames
+    while t < total:
+        start = time.perf_counter()
+        idx = torch.arange(t, t + C).clamp(max=K.shape[1] - 1)        # past the path's end: hold the last camera
+        Kc, cc = K[:, idx], c2w[:, idx]
+        ac = actions[:, idx] if actions is not None else None
+        x = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt)
+        keep = min(C, total - t)
+        new = gt_latents[:, t:t + keep].to(dev, dt) if teacher_forcing else x[:, :keep]
+        enc = model.encode_memory(new, Kc[:, :keep], cc[:, :keep], t, act(t, t + keep), past=bank)
+        if bank is None:
+            bank = enc
+        else:
+            bank.append(enc)
+        out.append(x[:, :keep])
+        res.chunk_seconds.append(time.perf_counter() - start)
+        res.chunk_frames.append(keep)
+        res.attended_tokens.append(_attended(model, Kc, cc, t, bank, x))
+        t += keep
+        if on_chunk is not None:
+            on_chunk(t - N, n_new, res)
+    res.latents, res.bank = torch.cat(out, dim=1), bank
+    return res
+
+
+def _attended(model, K, c2w, t, bank, x) -> int:
+    """Key tokens per query of this chunk's read (from the attention layers' own count)."""
+    Nf = model.layout(*x.shape[-2:]).tokens
+    a = model.args.attention
+    readable = min(bank.frames + bank.frame_offset, t) if bank is not None else 0
+    w_lo = max(0, t - (a.window - 1))
+    return model.blocks[0].attn._attended_tokens(x.shape[1] * Nf, Nf, readable, w_lo, min(w_lo, readable))

@@ -1,0 +1,76 @@
+"""Inference weights: one self-describing folder, ``model.safetensors`` + ``config.yaml``, loaded without pickle."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from model.diffusion import DiffusionArgs
+from model.dit import ModelArgs, VideoDiT
+from training.config import ConfigError, dump_config, load_config
+
+FORMAT = "decmem-weights/1"
+
+
+@dataclass
+class WeightsConfig:
+    """What a weights folder says about itself."""
+
+    format: str = FORMAT
+    codec: str = "pixels"                 # how frames became the latents the model was trained on
+    frame_hw: list[int] = field(default_factory=lambda: [0, 0])  # frame size the codec was fed (0 = any)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
+
+
+def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None = None, codec: str = "pixels",
+                 frame_hw=(0, 0), state_dict: dict | None = None) -> str:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml`` (temporary names, then renamed)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    cfg = WeightsConfig(codec=codec, frame_hw=list(frame_hw), model=model.args, diffusion=diffusion or DiffusionArgs())
+    dump_config(cfg, os.path.join(out_dir, "config.yaml.tmp"))
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    os.replace(os.path.join(out_dir, "config.yaml.tmp"), os.path.join(out_dir, "config.yaml"))
+    return out_dir
+
+
+def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=()) -> tuple[VideoDiT, WeightsConfig]:
+    """Build the model from ``config.yaml`` and load ``model.safetensors`` strictly (no pickle)."""
+    from safetensors.torch import load_file
+
+    cfg_path, st_path = os.path.join(weights_dir, "config.yaml"), os.path.join(weights_dir, "model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"weights folder {weights_dir}: missing {os.path.basename(p)} "
+                                    "(expected model.safetensors + config.yaml, as written by save_weights)")
+    cfg = load_config(WeightsConfig, cfg_path, overrides)
+    if cfg.format != FORMAT:
+        raise ConfigError(f"{cfg_path}: format {cfg.format!r} is not {FORMAT!r}")
+    model = VideoDiT(cfg.model)
+    try:
+        sd = load_file(st_path)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from None
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
+              for k in sorted(set(sd) & set(want)) if sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{st_path} does not match the model described by {cfg_path}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            lines.append("  shape mismatches: " + "; ".join(shapes[:8]))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+    return model.to(device, dtype).eval(), cfg
