@@ -42,3 +42,17 @@ def plucker_rays(K: torch.Tensor, c2w: torch.Tensor, hw: tuple[int, int]) -> tor
     o = c2w[..., None, None, :3, 3].expand_as(d)                                   # camera centre
     m = torch.linalg.cross(o, d, dim=-1)                                           # moment
     return torch.cat([m, d], dim=-1).movedim(-1, -3)                               # [..., 6, h, w]
+
+
+def clip_cameras(K: torch.Tensor, c2w: torch.Tensor, image_hw: tuple[int, int], latent_hw: tuple[int, int]):
+    """A clip's cameras as the model sees them: K in latent pixels, poses relative and scale-normalised.
+
+    K [B, T, 3, 3] (image pixels), c2w [B, T, 4, 4] -> (K_latent, c2w_rel, scale [B]). The
+    scale is the largest camera distance from the first frame over the clip (1 if the
+    camera never moves), so translations are O(1) whatever units the source uses.
+    """
+    rel = relative_poses(c2w.double())
+    scale = rel[..., :3, 3].norm(dim=-1).amax(dim=1)                                # [B]
+    scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+    rel[..., :3, 3] = rel[..., :3, 3] / scale[:, None, None]
+    return scale_intrinsics(K.double(), image_hw, latent_hw).to(K.dtype), rel.to(c2w.dtype), scale

@@ -60,6 +60,31 @@ def cmd_bench_attention(args) -> int:
     return 0
 
 
+def cmd_bench_generate(args) -> int:
+    from training.bench_generate import format_table, run_generate_bench
+
+    cfg = _load(args)
+    if args.json:
+        dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")
+    rows = run_generate_bench(cfg, args.strategies, args.bank_frames, args.json, log=lambda s: print(s, flush=True))
+    print()
+    print(format_table(rows))
+    if args.json:
+        print(f"\nwrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from training.generate import generate
+
+    summary = generate(args.weights, args.clip, args.init_frames, args.frames, args.out, args.strategy, args.steps,
+                       args.seed, args.device, args.teacher_forcing, args.save_bank, overrides=args.overrides)
+    print(f"generated {summary['generated_latents']} latents with {summary['strategy']}: "
+          f"{summary['seconds_per_latent_median']:.3f} s/latent (median), "
+          f"PSNR vs ground truth {summary['psnr_generated_mean']:.2f} dB -> {args.out}/rollout.mp4, compare.mp4, frames.json")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _load(args)
     import yaml
@@ -95,6 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--repeats", type=int, default=None, help="timed repeats per point (overrides bench.repeats)")
     _add_config_args(att)
     att.set_defaults(func=cmd_bench_attention)
+
+    gen = bsub.add_parser("generate", help="seconds per generated latent and peak memory vs bank size",
+                          description="Stream-generate chunks after a pre-filled memory bank for every strategy and "
+                                      "bank size (each point in a fresh process); median seconds per latent, peak RSS.")
+    gen.add_argument("--strategies", type=_strategies, default=_strategies("decmem,dense,window"),
+                     help="comma-separated strategies (default: decmem,dense,window)")
+    gen.add_argument("--bank-frames", type=_int_list, default=[56, 112, 224, 448], help="bank sizes in latent frames")
+    gen.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
+    _add_config_args(gen)
+    gen.set_defaults(func=cmd_bench_generate)
+
+    from model.attention import STRATEGIES
+
+    gen = sub.add_parser("generate", help="roll a trained model out along a clip's camera path (mp4 + timings)",
+                         description="Initialise the memory bank from the clip's first N ground-truth frames, generate "
+                                     "M frames chunk by chunk along its camera path, encode each chunk into the bank "
+                                     "once; write rollout.mp4, compare.mp4 (ground truth | generated), frames.json.")
+    gen.add_argument("--weights", required=True, help="weights folder (model.safetensors + config.yaml)")
+    gen.add_argument("--clip", required=True, help="canonical clip .npz (frames, K, c2w[, actions])")
+    gen.add_argument("--init-frames", type=int, required=True, help="N: ground-truth latent frames put in the bank")
+    gen.add_argument("--frames", type=int, required=True, help="M: latent frames to generate")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--strategy", choices=STRATEGIES, default=None, help="memory read (default: the weights' own)")
+    gen.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: the weights' own)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--teacher-forcing", action="store_true",
+                     help="put ground-truth chunks in the bank instead of generated ones (diagnostic)")
+    gen.add_argument("--save-bank", default=None, help="also save the final memory bank (safetensors) here")
+    gen.add_argument("overrides", nargs="*", metavar="key=value", help="weights-config overrides")
+    gen.set_defaults(func=cmd_generate)
 
     cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
                          description="Load CONFIG plus key=value overrides, report the first problem with file, "

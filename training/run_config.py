@@ -41,6 +41,23 @@ class AttentionBenchArgs:
             raise ValueError(f"dim: expected a multiple of n_heads={self.n_heads}, got {self.dim!r}")
 
 
+@dataclass
+class GenerateBenchArgs:
+    """Streaming generation over a pre-filled bank, timed per strategy and bank size."""
+
+    latent_h: int = 32               # latent frame size (pixels codec: the frame size)
+    latent_w: int = 32
+    sample_steps: int = 10           # Euler steps per chunk
+    chunks: int = 3                  # timed chunks per point (the median per latent is reported)
+    warmup_chunks: int = 1
+    threads: int = 0
+
+    def __post_init__(self):
+        for key in ("latent_h", "latent_w", "sample_steps", "chunks"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
+
+
 @register_root
 @dataclass
 class RunConfig:
@@ -52,3 +69,4 @@ class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
     bench: AttentionBenchArgs = field(default_factory=AttentionBenchArgs)
+    bench_generate: GenerateBenchArgs = field(default_factory=GenerateBenchArgs)

@@ -1,0 +1,116 @@
+"""``decmem bench generate``: seconds per generated latent and peak memory vs bank size, per strategy.
+
+Each (strategy, bank size) point runs in a fresh spawned process, one after
+another in the same run: the peak RSS of that process is then the point's own
+peak, not the largest of all points so far. The bank is built by the real
+memory stream from random latents; only chunk generation (Euler sampling +
+encoding the chunk into the bank) is timed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0               # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
+    """Runs in a child process: build, fill the bank, time chunks."""
+    import torch
+
+    from model.camera import relative_poses
+    from model.diffusion import DiffusionArgs
+    from model.dit import VideoDiT
+    from model.rollout import rollout
+    from training.bench_attention import orbit_cameras
+    from training.config import load_config
+    from training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(cfg_dict).items()])
+    b = cfg.bench_generate
+    if b.threads:
+        torch.set_num_threads(b.threads)
+    torch.manual_seed(cfg.seed)
+    args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
+    model = VideoDiT(args).eval()
+    h, w = b.latent_h, b.latent_w
+    C = args.chunk_frames
+    n_new = C * (b.warmup_chunks + b.chunks)
+    K, c2w = orbit_cameras(bank_frames + n_new, (h, w))
+    c2w = relative_poses(c2w)
+    g = torch.Generator().manual_seed(cfg.seed)
+    init = torch.randn(1, bank_frames, args.latent_channels, h, w, generator=g)
+    with torch.no_grad():
+        bank = model.encode_memory(init, K[:, :bank_frames], c2w[:, :bank_frames])
+    rss_before = _current_rss_mb()
+    diff = DiffusionArgs(sample_steps=b.sample_steps)
+    res = rollout(model, diff, init, K, c2w, n_new, generator=g, bank=bank)
+    per_chunk = [s / n for s, n in zip(res.chunk_seconds, res.chunk_frames)][b.warmup_chunks:]
+    return {
+        "strategy": strategy, "bank_frames": bank_frames, "tokens_per_frame": model.layout(h, w).tokens,
+        "bank_tokens": bank_frames * model.layout(h, w).tokens,
+        "attended_tokens": res.attended_tokens[-1], "sec_per_latent": statistics.median(per_chunk),
+        "sec_per_latent_min": min(per_chunk), "chunks_timed": len(per_chunk),
+        "peak_rss_mb": _rss_mb(), "rss_before_generation_mb": rss_before,
+        "model_size": args.size, "dim": args.dim, "depth": args.depth, "chunk_frames": C,
+        "sample_steps": b.sample_steps, "latent_hw": [h, w], "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def run_generate_bench(cfg, strategies, bank_frames, json_path=None, log=print):
+    from training.config import to_dict
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for T in bank_frames:
+        for s in strategies:
+            t0 = time.perf_counter()
+            with ctx.Pool(1) as pool:
+                row = pool.apply(_point, (to_dict(cfg), s, T))
+            rows.append(row)
+            log(f"{s:>8}  bank {T:>4} latents  {row['sec_per_latent'] * 1e3:9.1f} ms/latent  "
+                f"peak {row['peak_rss_mb']:7.0f} MB  ({time.perf_counter() - t0:.0f} s)")
+    base = {r["bank_frames"]: r["sec_per_latent"] for r in rows if r["strategy"] == "decmem"}
+    for r in rows:
+        if r["bank_frames"] in base:
+            r["vs_decmem"] = r["sec_per_latent"] / base[r["bank_frames"]]
+    if json_path:
+        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                   "cpus": os.cpu_count()}
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump([dict(r, machine=machine) for r in rows], f, indent=1)
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = ["| strategy | bank latents | bank tokens | attended tokens | s / latent | peak RSS MB | this / decmem |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['bank_frames']} | {r['bank_tokens']} | {r['attended_tokens']} | "
+                     f"{r['sec_per_latent']:.3f} | {r['peak_rss_mb']:.0f} | {r.get('vs_decmem', float('nan')):.2f}x |")
+    return "\n".join(lines)
