@@ -227,14 +227,13 @@ class DecMemAttention(nn.Module):
         nqb = N // Bs
         q_pool = q.view(B, H, nqb, Bs, d).mean(dim=-2)                               # [B, H, n_qb, d]
         if bank is not None:
-            kp = bank.k_pool.reshape(B, H, -1, d)                                    # [B, H, n_loc, d]
-            local = (q_pool @ kp.transpose(-1, -2)) / math.sqrt(d)                   # [B, H, n_qb, n_loc]
-            n_b = bank.blocks_per_frame
-            frame = bank.frame_offset + torch.arange(kp.shape[2], device=q.device) // n_b
-            local = local.masked_fill(frame >= old, -math.inf)                       # future and ALM frames
+            # candidates (older than the ALM window) are a prefix of the local frames: slice, don't mask
+            n_old = min(max(old - bank.frame_offset, 0), bank.local_frames)
+            kp = _flat_frames(bank.k_pool[:, :, :n_old])                             # [B, H, n_old*n_b, d]
+            local = (q_pool @ kp.transpose(-1, -2)) / math.sqrt(d)                   # [B, H, n_qb, n_old*n_b]
         else:
             local = q_pool.new_zeros(B, H, nqb, 0)
-        scores = ctx.gather_scores(local, bank)                                      # [B, H, n_qb, n_blocks]
+        scores = ctx.gather_scores(local, bank, old)                                 # [B, H, n_qb, old*n_b]
         idx, valid = topk_blocks(scores, a.top_k)                                    # [B, H, n_qb, k]
         bias = retrieval_log_weights(scores, idx, valid) if a.retrieval_bias else None
         out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
@@ -277,10 +276,8 @@ class DecMemAttention(nn.Module):
         local = idx - lo
         owned = valid & (local >= 0) & (local < n_loc)
         local = torch.where(owned, local, torch.zeros_like(local))                  # [B, H, G, k]
-        base = (torch.arange(B * H, device=qg.device) * n_loc).view(B, H, 1, 1)
-        rows = (base + local).reshape(-1)                                            # flat block rows
-        kb = bank.k.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, k * Bs, d)
-        vb = bank.v.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, k * Bs, d)
+        kb = _gather_blocks(bank.k, local, Bs)                                      # [B, H, G, k*B, d]
+        vb = _gather_blocks(bank.v, local, Bs)
         mask = owned.repeat_interleave(Bs, dim=-1)                                   # [B, H, G, k*B]
         tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
         return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
@@ -329,10 +326,7 @@ class DecMemAttention(nn.Module):
         if bank is None or bank.local_frames == 0:
             sel = (torch.full((B, H, N), -math.inf, device=q.device, dtype=e_chunk[0].dtype), torch.zeros_like(e_chunk[1]))
         else:
-            n_loc = bank.k_pool.shape[2] * bank.k_pool.shape[3]
-            base = (torch.arange(B * H, device=q.device) * n_loc).view(B, H, 1, 1)
-            rows = (base + torch.where(valid, idx, torch.zeros_like(idx))).reshape(-1)
-            kb = bank.k.reshape(B * H * n_loc, Bs * d).index_select(0, rows).view(B, H, G, -1, d)
+            kb = _gather_blocks(bank.k, torch.where(valid, idx, torch.zeros_like(idx)), Bs)
             bias = None
             if a.strategy == "decmem" and a.retrieval_bias:
                 bias = retrieval_log_weights(stats["scores"], idx, valid).repeat_interleave(Bs, dim=-1)
@@ -350,3 +344,27 @@ class DecMemAttention(nn.Module):
         B, H, n, Nf, d = kf.shape
         kb = None if key_bias is None else key_bias.expand(B, H, n * Nf)
         return expected_logit(q, kf.reshape(B, H, n * Nf, d), kb)
+
+
+def _flat_frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, n, e] -> [B, H, T*n, e] without copying when T is a slice of a larger buffer."""
+    B, H, T, n, e = x.shape
+    try:
+        return x.view(B, H, T * n, e)
+    except RuntimeError:  # a layout view cannot express: copy
+        return x.reshape(B, H, T * n, e)
+
+
+def _gather_blocks(x: torch.Tensor, idx: torch.Tensor, Bs: int) -> torch.Tensor:
+    """Tokens of bank blocks x [B, H, T, N_f, d] at block indices idx [B, H, G, k] -> [B, H, G, k*Bs, d].
+
+    (T, N_f) always merge into one token axis as a view, both for a bank that is a
+    slice of a growing buffer and for the permuted qkv output in training; a flat
+    (B*H*blocks) row index would instead copy the whole bank on every call.
+    """
+    B, H, T, Nf, d = x.shape
+    tokens = x.view(B, H, T * Nf, d) if x.stride(2) == Nf * x.stride(3) else x.reshape(B, H, T * Nf, d)
+    tok = (idx.unsqueeze(-1) * Bs + torch.arange(Bs, device=x.device)).flatten(-2)   # [B, H, G, k*Bs]
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=x.device).view(1, H, 1, 1)
+    return tokens[b, h, tok]                                                          # [B, H, G, k*Bs, d]

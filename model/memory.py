@@ -55,8 +55,12 @@ class LocalMemory:
         """Total bank frames across the group."""
         return 0 if bank is None else bank.frame_offset + bank.local_frames
 
-    def gather_scores(self, local_scores: torch.Tensor, bank: BankLayer | None) -> torch.Tensor:
-        """Block scores of the local bank [..., n_local] -> of the whole bank [..., n_global]."""
+    def gather_scores(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int) -> torch.Tensor:
+        """Scores of the local candidate blocks -> of all candidate blocks, frames [0, candidates).
+
+        local_scores: [..., n] for the local frames older than ``candidates``, in
+        block order. On one process they already are all of them.
+        """
         return local_scores
 
     def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

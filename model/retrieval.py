@@ -22,7 +22,7 @@ def topk_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     ineligible blocks, which only fill slots when fewer than k are eligible).
     ``torch.topk`` alone leaves tie order unspecified, which would let two cp
     ranks pick different blocks; rows whose k-th value is tied with a block
-    outside topk's pick are redone: every block strictly above the k-th value
+    outside the pick (seen as a (k+1)-th value equal to the k-th) are redone: every block strictly above the k-th value
     is kept, and the tied ones are taken in index order. (Ties at -inf need no
     care: those slots are invalid whatever index they hold.)
     """
@@ -33,11 +33,13 @@ def topk_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if kk == 0:
         return idx, valid
     s = scores.detach()
-    vals, sel = s.topk(kk, dim=-1)                                               # [..., kk], descending
-    kth = vals[..., -1:]
-    # rows where the k-th value also occurs outside topk's pick: the pick is then ambiguous
-    ambiguous = ((s == kth).sum(-1) > (vals == kth).sum(-1)) & torch.isfinite(kth.squeeze(-1))
-    if bool(ambiguous.any()):
+    k1 = min(kk + 1, n)
+    vals, sel = s.topk(k1, dim=-1)                                               # [..., k1], descending
+    kth = vals[..., kk - 1:kk]
+    # the pick is ambiguous only if the best value left out equals the k-th one
+    ambiguous = (vals[..., kk] == kth[..., 0]) & torch.isfinite(kth[..., 0]) if k1 > kk else None
+    sel = sel[..., :kk]
+    if ambiguous is not None and bool(ambiguous.any()):
         rows = ambiguous.nonzero(as_tuple=True)
         sel[rows] = _tie_break(s[rows], kth[rows], kk)
     sel = sel.sort(dim=-1).values                                                # ascending block index
