@@ -230,7 +230,7 @@ class DecMemAttention(nn.Module):
             # candidates (older than the ALM window) are a prefix of the local frames: slice, don't mask
             n_old = min(max(old - bank.frame_offset, 0), bank.local_frames)
             kp = _flat_frames(bank.k_pool[:, :, :n_old])                             # [B, H, n_old*n_b, d]
-            local = (q_pool @ kp.transpose(-1, -2)) / math.sqrt(d)                   # [B, H, n_qb, n_old*n_b]
+            local = (q_pool / math.sqrt(d)) @ kp.transpose(-1, -2)                   # [B, H, n_qb, n_old*n_b]
         else:
             local = q_pool.new_zeros(B, H, nqb, 0)
         scores = ctx.gather_scores(local, bank, old)                                 # [B, H, n_qb, old*n_b]
