@@ -7,6 +7,7 @@ truncated file under the final name.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 from fractions import Fraction
 from typing import Sequence
@@ -36,6 +37,29 @@ def _makedirs_for(path: str) -> None:
     os.makedirs(parent, exist_ok=True)
 
 
+def _yuv420p_frame(rgb: np.ndarray) -> "av.VideoFrame":
+    """uint8 [H, W, 3] (even H, W) -> a yuv420p frame, converted here (BT.601 limited range).
+
+    Letting swscale convert rgb24 reads the frame's uninitialised line padding
+    for small widths, so identical frames encoded to different bytes from run to
+    run; planes written here have zeroed padding.
+    """
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    H, W = y.shape
+    sub = lambda c: c.reshape(H // 2, 2, W // 2, 2).mean(axis=(1, 3))  # noqa: E731  2x2 chroma average
+    planes = [y, sub(u), sub(v)]
+    frame = av.VideoFrame(W, H, "yuv420p")
+    for plane, data in zip(frame.planes, planes):
+        buf = np.zeros((plane.height, plane.line_size), np.uint8)
+        buf[:, : data.shape[1]] = np.clip(np.rint(data), 0, 255).astype(np.uint8)
+        plane.update(buf)
+    return frame
+
+
 def write_mp4(path: str, frames, fps: int = 10, crf: int = 18) -> None:
     """Encode uint8 [T, H, W, 3] RGB frames as H.264 (libx264, yuv420p) at ``path``.
 
@@ -50,9 +74,10 @@ def write_mp4(path: str, frames, fps: int = 10, crf: int = 18) -> None:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
+            stream.codec_context.thread_count = 1   # multi-threaded x264 output differs run to run
             stream.options = {"crf": str(crf)}
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                for packet in stream.encode(_yuv420p_frame(frame)):
                     container.mux(packet)
             for packet in stream.encode():                       # flush delayed (B-)frames
                 container.mux(packet)
@@ -144,3 +169,39 @@ def write_png(path: str, image, use_pillow: bool | None = None) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def encode_mp4_bytes(frames, fps: float = 10, crf: int = 18, deterministic: bool = True) -> bytes:
+    """uint8 [T,H,W,3] -> H.264 mp4 bytes (in memory; odd sizes padded as in write_mp4).
+
+    deterministic: x264's assembly kernels were seen to give different bytes for
+    identical frames from run to run (in processes that had loaded torch), so by
+    default they are off (``asm=0``, about 4x slower encoding) and the same clip
+    always becomes the same shard bytes, locally or on S3, with any worker count.
+    """
+    frames = _pad_even(_check_video(frames))
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=max(1, int(round(fps))))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1   # multi-threaded x264 output differs run to run; shards must not
+        stream.options = {"crf": str(crf), **({"x264-params": "asm=0"} if deterministic else {})}
+        for f in frames:
+            for packet in stream.encode(_yuv420p_frame(f)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def decode_mp4_bytes(data: bytes, what: str = "frames.mp4") -> np.ndarray:
+    """mp4 bytes -> uint8 [T,H,W,3]; a clear ValueError naming ``what`` if undecodable or empty."""
+    try:
+        with av.open(io.BytesIO(data), "r") as inp:
+            frames = [f.to_ndarray(format="rgb24") for f in inp.decode(video=0)]
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise ValueError(f"{what}: cannot decode video ({e})") from None
+    if not frames:
+        raise ValueError(f"{what}: video has no frames")
+    return np.stack(frames)
