@@ -1,0 +1,22 @@
+"""Source readers: each converts one dataset's own layout into the canonical clip (DESIGN §2.1).
+
+Every module in ``READERS`` has the same interface:
+  ``find_inputs(root) -> list[dict]``  inputs under a local directory, sorted by their unique ``"id"``
+                                       (a stable string without dots); descriptors are JSON-serialisable;
+  ``read(desc) -> dict``               the validated canonical clip (``data_pipeline.clip.validate_clip``);
+                                       problems raise ValueError / FileNotFoundError naming the file and
+                                       the line (text) or key (npz / json) and what was expected.
+"""
+from data_pipeline.readers import memory_maze, nerfstudio, re10k, worldmem
+
+READERS = {"re10k": re10k, "nerfstudio": nerfstudio, "worldmem": worldmem, "memory_maze": memory_maze}
+
+
+def get_reader(name: str):
+    """The reader module registered as ``name``; ValueError listing the known names otherwise."""
+    if name not in READERS:
+        raise ValueError(f"unknown source {name!r}; expected one of {', '.join(sorted(READERS))}")
+    return READERS[name]
+
+
+__all__ = ["READERS", "get_reader"]
