@@ -210,3 +210,29 @@ def test_s3_round_trip_matches_local(s3_server, dataset, tmp_path):
     # resuming preprocessing on S3 finds its manifest and does nothing more
     again = preprocess(SPEC, url, args(), progress=False, log=lambda *_: None)
     assert again["samples"] == 18 and len(again["shards"]) == len(m["shards"])
+
+
+def test_bad_source_files_are_skipped_with_reasons_and_training_input_continues(tmp_path):
+    """WorldMem episodes: one good, one truncated video, one zero-frame video, one pose/frame count mismatch."""
+    from data_pipeline.video import write_mp4
+
+    root = tmp_path / "episodes"
+    root.mkdir()
+    frames = synthetic_clip(24, (32, 32), seed=5)["frames"]
+    poses = np.zeros((24, 5), np.float32)
+    poses[:, 4] = np.linspace(0, 90, 24)
+    for name, n_video, n_poses in (("good", 24, 24), ("truncated", 24, 24), ("mismatch", 24, 20)):
+        write_mp4(str(root / f"{name}.mp4"), frames[:n_video])
+        np.savez(root / f"{name}.npz", actions=np.zeros((n_poses, 8), np.float32), poses=poses[:n_poses])
+    data = (root / "truncated.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (root / "empty.mp4").write_bytes(b"")
+    np.savez(root / "empty.npz", actions=np.zeros((0, 8), np.float32), poses=np.zeros((0, 5), np.float32))
+    m = preprocess(str(root), str(tmp_path / "out"), args(format_name="worldmem", resolution=None, segment_frames=None),
+                   progress=False, log=lambda *_: None)
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"truncated", "mismatch", "empty"} and m["samples"] == 1, reasons
+    assert "mismatch.npz" in reasons["mismatch"] and "20" in reasons["mismatch"] and "24" in reasons["mismatch"]
+    assert "empty.mp4" in reasons["empty"] and "truncated" in reasons["truncated"]
+    loader = ShardLoader(DataArgs(data=str(tmp_path / "out"), clip_frames=8, prefetch=0), 2)
+    assert loader.next_batch()["keys"] == ["good-00000"]
