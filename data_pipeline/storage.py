@@ -64,8 +64,13 @@ def publish_file(local_tmp: str, url: str) -> None:
         os.replace(local_tmp, url)
 
 
+REMOTE_BLOCK = 16 << 20   # shards are read front to back: few large range requests beat many small ones
+
+
 def open_read(url: str):
     fs, path = fs_for(url)
+    if is_remote(url):
+        return fs.open(path, "rb", block_size=REMOTE_BLOCK, cache_type="readahead")
     return fs.open(path, "rb")
 
 

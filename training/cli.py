@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -96,6 +97,17 @@ def cmd_preprocess(args) -> int:
     return 0 if m["samples"] or not m["skipped"] else 1
 
 
+def cmd_bench_data(args) -> int:
+    from training.bench_data import run_data_bench
+
+    cfg = _load(args)
+    rows = run_data_bench(cfg, args.spec, args.clip_frames, args.samples, args.json, log=lambda s: print(s, flush=True))
+    print()
+    for r in rows:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _load(args)
     import yaml
@@ -185,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-bank", default=None, help="also save the final memory bank (safetensors) here")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="weights-config overrides")
     gen.set_defaults(func=cmd_generate)
+
+    dat = bsub.add_parser("data", help="preprocess frames/s, loader samples/s (local vs S3 on loopback) vs trainer need",
+                          description="Preprocess built-in synthetic clips, time the loader from local disk and from a "
+                                      "real S3-compatible server on loopback, and time what one training step of the "
+                                      "configured model consumes; all in one run.")
+    dat.add_argument("--spec", default="clips=16,frames=128,hw=64x64,seed=0", help="synthetic source spec")
+    dat.add_argument("--clip-frames", type=int, default=16, help="frames per training sample")
+    dat.add_argument("--samples", type=int, default=48, help="samples timed per loader run")
+    dat.add_argument("--json", default=None)
+    _add_config_args(dat)
+    dat.set_defaults(func=cmd_bench_data)
 
     cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
                          description="Load CONFIG plus key=value overrides, report the first problem with file, "
