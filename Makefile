@@ -7,9 +7,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.decmem-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup sysdeps test demo bench clean
 
-setup: $(STAMP)
+# Debian packages for headless rendering (MiniWorld over EGL, software GL).
+SYSDEPS := libegl1 libegl-mesa0 libgl1-mesa-dri
+sysdeps:
+	@if dpkg -s $(SYSDEPS) >/dev/null 2>&1; then echo "system packages present: $(SYSDEPS)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS); \
+	else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS); fi
+
+setup: sysdeps $(STAMP)
 
 # torch first, pinned to the local CPU wheel: an unpinned torch (or a package
 # asking for one) would pull several GB of CUDA packages.

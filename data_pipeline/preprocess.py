@@ -120,6 +120,11 @@ def encode_segment(seg: dict, desc: dict, index: int, args: PreprocessArgs) -> d
             "fps": float(seg.get("fps") or 10), "size": list(frames.shape[1:3]), "frames": int(frames.shape[0]),
             "frame_indices": seg["frame_indices"].tolist(), "pose_convention": "c2w_opencv", "codec": args.codec,
             "input": desc}
+    if "object_names" in seg:   # scene objects (rendered data): for retrieval / revisit evaluation
+        meta["objects"] = [{"name": str(n), "position": [float(x) for x in p], "size": float(z)} for n, p, z in
+                           zip(seg["object_names"], seg["object_positions"], seg["object_sizes"])]
+    if "revisit_of" in seg:
+        meta["revisit_of"] = [int(r) for r in seg["revisit_of"]]
     if args.codec != "pixels":
         codec = _codec(args.codec)
         n = frames.shape[0]

@@ -57,11 +57,15 @@ def take_frames(clip: dict, a: int, b: int) -> dict:
     return _take(clip, np.arange(a, b))
 
 
+PER_SCENE = ("object_names", "object_positions", "object_sizes", "maze_layout")  # not indexed by frame
+
+
 def _take(clip: dict, idx: np.ndarray) -> dict:
     T = clip["frames"].shape[0]
     out = {}
     for k, v in clip.items():
-        out[k] = v[idx] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == T else v
+        per_frame = isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == T and k not in PER_SCENE
+        out[k] = v[idx] if per_frame else v
     base = clip.get("frame_indices")
     out["frame_indices"] = (np.asarray(base)[idx] if base is not None else idx).astype(np.int64)
     return out
