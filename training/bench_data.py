@@ -54,24 +54,29 @@ def _trainer_rate(cfg, hw, clip_frames: int, steps: int = 3) -> float:
     return 1.0 / (sum(times) / len(times))
 
 
-def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=None, log=print) -> list[dict]:
+def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=None, log=print,
+                   fmt: str = "synthetic") -> list[dict]:
     from data_pipeline.preprocess import PreprocessArgs, preprocess
 
     tmp = tempfile.mkdtemp(prefix="decmem-bench-data-")
     rows = []
     try:
-        # 1. preprocessing, per worker, deterministic (default) and fast x264
+        # 1. preprocessing, per worker, deterministic (default) and fast x264; a warm-up render first so
+        #    neither pays the renderer's one-off start-up (EGL context, textures: seconds)
+        from data_pipeline.sources import get_source
+
+        src = get_source(fmt)
+        src.read(src.find_inputs(spec)[0])
         for det in (True, False):
             out = os.path.join(tmp, f"local-{int(det)}")
-            m = preprocess(spec, out, PreprocessArgs(format_name="synthetic", segment_frames=64, shard_bytes=2 << 20,
+            m = preprocess(spec, out, PreprocessArgs(format_name=fmt, segment_frames=64, shard_bytes=2 << 20,
                                                      deterministic=det), progress=False, log=lambda *_: None)
             rows.append({"what": "preprocess", "variant": "deterministic" if det else "fast-encode",
                          "frames_per_s_per_worker": m["stats"]["frames_per_worker_s"], "frames": m["frames"],
                          "shards": len(m["shards"])})
             log(f"preprocess ({rows[-1]['variant']}): {rows[-1]['frames_per_s_per_worker']:.0f} frames/s per worker")
         local = os.path.join(tmp, "local-1")
-        hw = tuple(json.load(open(os.path.join(local, "manifest.json")))["config"].get("resolution") or
-                   [int(x) for x in dict(kv.split("=") for kv in spec.split(","))["hw"].split("x")])
+        hw = tuple(int(x) for x in dict(kv.split("=") for kv in spec.split(","))["hw"].split("x"))
         # 2-3. loader from local disk and from S3 on loopback, alternated 3 times (this VM is noisy): medians
         from moto.server import ThreadedMotoServer
 
@@ -116,6 +121,6 @@ def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=Non
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
-            json.dump([dict(r, machine={"platform": platform.platform(), "cpus": os.cpu_count()}, spec=spec,
+            json.dump([dict(r, machine={"platform": platform.platform(), "cpus": os.cpu_count()}, spec=spec, format=fmt,
                             clip_frames=clip_frames) for r in rows], f, indent=1)
     return rows

@@ -101,7 +101,8 @@ def cmd_bench_data(args) -> int:
     from training.bench_data import run_data_bench
 
     cfg = _load(args)
-    rows = run_data_bench(cfg, args.spec, args.clip_frames, args.samples, args.json, log=lambda s: print(s, flush=True))
+    rows = run_data_bench(cfg, args.spec, args.clip_frames, args.samples, args.json, log=lambda s: print(s, flush=True),
+                          fmt=args.format)
     print()
     for r in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Preprocess built-in synthetic clips, time the loader from local disk and from a "
                                       "real S3-compatible server on loopback, and time what one training step of the "
                                       "configured model consumes; all in one run.")
-    dat.add_argument("--spec", default="clips=16,frames=128,hw=64x64,seed=0", help="synthetic source spec")
+    dat.add_argument("--format", default="synthetic", choices=("synthetic", "render"), help="built-in source")
+    dat.add_argument("--spec", default="clips=16,frames=128,hw=64x64,seed=0",
+                     help="source spec (synthetic: clips=..., render: scenes=...), with hw=HxW")
     dat.add_argument("--clip-frames", type=int, default=16, help="frames per training sample")
     dat.add_argument("--samples", type=int, default=48, help="samples timed per loader run")
     dat.add_argument("--json", default=None)
