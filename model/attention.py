@@ -108,7 +108,7 @@ class DecMemAttention(nn.Module):
     # Memory stream
     # ----------------------------------------------------------------------------
 
-    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None):
+    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None, ctx=None):
         """Clean frames with local causal attention; returns (out, BankLayer of these frames).
 
         x: [B, T * N_f, D], frames in time order. past: (k, v) [B, H, P, N_f, d] of
@@ -121,11 +121,13 @@ class DecMemAttention(nn.Module):
         q, k, v = self._heads(x)                                           # [B, H, T*N_f, d]
         H, d = self.n_heads, self.head_dim
         kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, d)
+        if past is None and ctx is not None:
+            past = ctx.memory_halo(kf, vf, W - 1)                          # cp: the previous ranks' last frames
         P = 0 if past is None else past[0].shape[2]
         if P > W - 1:
             raise ValueError(f"past holds {P} frames, the local window needs at most W-1 = {W - 1}")
-        k_all = kf if P == 0 else torch.cat([past[0], kf], dim=2)         # [B, H, P+T, N_f, d]
-        v_all = vf if P == 0 else torch.cat([past[1], vf], dim=2)
+        k_all = kf if past is None else torch.cat([past[0], kf], dim=2)   # [B, H, P+T, N_f, d]
+        v_all = vf if past is None else torch.cat([past[1], vf], dim=2)
         pad = (0, 0, 0, 0, W - 1, 0)                                       # W-1 empty frames in front
         kw = nn.functional.pad(k_all, pad).unfold(2, W, 1)[:, :, P:]       # [B, H, T, N_f, d, W]
         vw = nn.functional.pad(v_all, pad).unfold(2, W, 1)[:, :, P:]

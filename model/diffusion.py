@@ -41,7 +41,11 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
         raise ValueError(f"chunk starts {list(chunk_starts)} must lie in [0, {T - C}] for clips of {T} frames and chunks of {C}")
     last = max(chunk_starts)
     act = (lambda a, b: actions[:, a:b]) if actions is not None else (lambda a, b: None)
-    bank = model.encode_memory(latents[:, :last], K[:, :last], c2w[:, :last], 0, act(0, last), ctx=ctx) if last else None
+    bank = None
+    if last:
+        # under context parallelism each rank encodes only its shard [lo, hi) of the bank frames
+        lo, hi = ctx.shard(last) if ctx is not None else (0, last)
+        bank = model.encode_memory(latents[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, act(lo, hi), ctx=ctx)
     losses, stats = [], {}
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]
@@ -50,7 +54,9 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
         pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats)
         losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
-    stats["bank_tokens"] = bank.tokens() if bank is not None else 0
+    stats["bank_tokens"] = last * (latents.shape[-2] * latents.shape[-1]) // model.args.patch_size ** 2
+    if ctx is not None and hasattr(ctx, "bytes_moved"):
+        stats["cp_bytes"] = ctx.bytes_moved()
     return torch.stack(losses).mean(), stats
 
 

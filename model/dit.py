@@ -129,8 +129,8 @@ class DiTBlock(nn.Module):
         x = x + (gm * self.mlp(h).view(B, T, Nf, D)).view(B, N, D)
         return x, extra
 
-    def encode_memory(self, x, c, Nf, past=None):
-        return self._run(x, c, Nf, lambda h: self.attn.encode_memory(h, Nf, past=past))
+    def encode_memory(self, x, c, Nf, past=None, ctx=None):
+        return self._run(x, c, Nf, lambda h: self.attn.encode_memory(h, Nf, past=past, ctx=ctx))
 
     def forward(self, x, c, Nf, bank, chunk_start, fov=None, ctx=None, return_stats=False):
         return self._run(x, c, Nf, lambda h: self.attn(h, bank, chunk_start, Nf, fov, ctx, return_stats))
@@ -260,9 +260,7 @@ class VideoDiT(nn.Module):
         layers = []
         for i, block in enumerate(self.blocks):
             prev = past.last_kv(i, W - 1) if past is not None else None
-            if ctx is not None and hasattr(ctx, "memory_past"):
-                prev = ctx.memory_past(i, block, prev)
-            x, layer = block.encode_memory(x, c, Nf, past=prev)
+            x, layer = block.encode_memory(x, c, Nf, past=prev, ctx=ctx)
             layer.frame_offset = frame_offset
             layers.append(layer)
         return MemoryBank(layers, K, c2w, frame_offset)
@@ -275,21 +273,24 @@ class VideoDiT(nn.Module):
         x = self.embed(x_t, K, c2w, chunk_start + torch.arange(C))
         tau = tau.view(B, 1).expand(B, C) if tau.dim() == 1 else tau
         c = self.condition(tau, actions)
-        fov = self.select_fov(bank, K, c2w, chunk_start, (h, w))
+        fov = self.select_fov(bank, K, c2w, chunk_start, (h, w), ctx)
         per_layer = []
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, c, Nf, bank.layer(i) if bank is not None and bank.frames else None,
-                             chunk_start, fov, ctx, return_stats)
+            layer = bank.layer(i) if bank is not None and (bank.frames or ctx is not None) else None
+            x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats)
             per_layer.append(stats)
         out = self.unpatchify(self.final_layer(x, c, Nf), h, w)
         return out, _merge_stats(per_layer)
 
-    def select_fov(self, bank, K, c2w, chunk_start, hw):
+    def select_fov(self, bank, K, c2w, chunk_start, hw, ctx=None):
         a = self.args.attention
-        if a.strategy != "fov_frames" or bank is None or bank.frames == 0:
+        if a.strategy != "fov_frames" or bank is None:
             return None
-        eligible = min(bank.frames, chunk_start - (a.window - 1))
-        return select_fov_frames(bank.K.double(), bank.c2w.double(), K.double(), c2w.double(), hw, a.fov_frames,
+        bank_K, bank_c2w = bank.K, bank.c2w
+        if ctx is not None:                      # cp: every rank needs every bank frame's camera
+            bank_K, bank_c2w = ctx.bank_cameras(bank_K, bank_c2w)
+        eligible = min(bank_K.shape[1], chunk_start - (a.window - 1))
+        return select_fov_frames(bank_K.double(), bank_c2w.double(), K.double(), c2w.double(), hw, a.fov_frames,
                                  eligible, chunk_start, a.fov_age_penalty)
 
 

@@ -45,10 +45,13 @@ def attend(q, k, v, key_bias=None, key_mask=None, scale=None, backend="auto"):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     name = resolve_backend(backend, q)
-    if k.shape[-2] == 0:  # nothing to attend: the empty partial of the LSE merge
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
-        lse = torch.full(q.shape[:-1], -math.inf, dtype=_lse_dtype(q), device=q.device)
-        return out, lse
+    if k.shape[-2] == 0:
+        # nothing to attend: one masked dummy key, so the empty partial takes the same path (and builds the
+        # same autograd graph) as any other; context-parallel ranks rely on identical graphs
+        k = k.new_zeros(*k.shape[:-2], 1, k.shape[-1])
+        v = v.new_zeros(*v.shape[:-2], 1, v.shape[-1])
+        key_bias = None if key_bias is None else key_bias.new_zeros(*key_bias.shape[:-1], 1)
+        key_mask = torch.zeros(*k.shape[:-1], dtype=torch.bool, device=k.device)
     if name == "math":
         return _attend_math(q, k, v, key_bias, key_mask, scale)
     return _attend_fused(q, k, v, key_bias, key_mask, scale, name)
@@ -178,7 +181,7 @@ def _attend_fused(q, k, v, key_bias, key_mask, scale, name):
     vf = torch.nn.functional.pad(vf, (0, e - dv))                               # [n, Nk, e], last column 0
     out, lse = _FusedAttention.apply(qf, kf, vf, scale, name)
     out, lse = out[..., :dv], lse.to(_lse_dtype(q))
-    if empty is not None and bool(empty.any()):
+    if empty is not None:   # unconditionally: a data-dependent branch would make ranks' graphs differ
         # rows with every key masked: the kernel averaged -1e4-logit keys; report "no key" instead
         out = torch.where(empty[:, None, None], torch.zeros_like(out), out)
         lse = torch.where(empty[:, None], torch.full_like(lse, -math.inf), lse)

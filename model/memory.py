@@ -73,6 +73,18 @@ class LocalMemory:
             return None
         return bank.frames(lo, hi)
 
+    def shard(self, n_frames: int) -> tuple[int, int]:
+        """The bank frames [lo, hi) of [0, n_frames) this process encodes (all of them here)."""
+        return 0, n_frames
+
+    def memory_halo(self, k: torch.Tensor, v: torch.Tensor, n: int):
+        """K/V of the n frames before this shard's first frame, at this layer (none on one process)."""
+        return None
+
+    def bank_cameras(self, K: torch.Tensor, c2w: torch.Tensor):
+        """Cameras of every bank frame (the local ones are all of them here)."""
+        return K, c2w
+
     def count_bytes(self, name: str, n: int) -> None:
         """Bytes a collective moved (nothing moves on one process)."""
 

@@ -1,0 +1,44 @@
+"""Context parallelism with real processes (gloo, CPU): cp = 2 and 4 reproduce the single-process model."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from training.context_parallel import Layout, shard_range
+from training.cp_check import check_equivalence
+
+CASES = [
+    dict(strategy="decmem", T=11, starts=[7, 9]),                       # 9 bank frames: not divisible by 2 or 4
+    dict(strategy="decmem", T=10, starts=[8], merge="joint"),
+    dict(strategy="decmem", T=8, starts=[6], top_k=1),                  # candidates only on the first ranks
+    dict(strategy="decmem", T=12, starts=[5, 10], dtype=torch.float32),
+    dict(strategy="decmem", T=10, starts=[8], frame_pos=False, camera=False, repeat=[(5, 1), (6, 2), (7, 3)]),  # ties
+    dict(strategy="dense", T=9, starts=[7]),
+    dict(strategy="dense_decay", T=9, starts=[4, 7]),
+    dict(strategy="window", T=9, starts=[7]),
+    dict(strategy="fov_frames", T=11, starts=[9]),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_matches_single_process(world):
+    cases = [c for c in CASES if min(c["starts"]) >= world]            # every rank holds >= 1 bank frame
+    mp.spawn(check_equivalence, args=(world, free_port(), cases), nprocs=world, join=True)
+
+
+def test_layout_and_shard_rules():
+    assert Layout.make(4, 2, 3).dp_rank == 1 and Layout.make(4, 2, 3).cp_rank == 1
+    with pytest.raises(ValueError, match="world size 6 does not factor as dp x cp with cp=4"):
+        Layout.make(6, 4, 0)
+    assert [shard_range(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    with pytest.raises(ValueError, match="a bank of 3 frames cannot be split across cp=4"):
+        shard_range(3, 4, 0)

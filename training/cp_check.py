@@ -1,0 +1,103 @@
+"""Worker functions for multi-process context-parallel checks (importable, so spawned processes can run them).
+
+Each worker builds the same tiny model and batch, computes the single-process
+reference on its own, then the context-parallel result with its group, and
+raises if they differ. Used by tests/test_context_parallel.py and ``decmem bench cp``.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from model.attention import AttentionArgs
+from model.diffusion import DiffusionArgs, rectified_flow_loss
+from model.dit import ModelArgs, VideoDiT
+from training.context_parallel import CPMemory, Layout, build_groups
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))   # a mismatched collective fails, never hangs
+
+
+def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera=True, top_k=3, window=3, seed=0):
+    torch.manual_seed(seed)
+    att = AttentionArgs(strategy=strategy, block_size=4, top_k=top_k, window=window, merge=merge, fov_frames=2)
+    m = VideoDiT(ModelArgs(size="debug", chunk_frames=2, frame_pos=frame_pos, camera=camera, attention=att)).to(dtype)
+    with torch.no_grad():                        # leave the zero-init regime so every path carries gradient
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def batch(T: int, dtype, seed=1, repeat_frames=None):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn(1, T, 3, 8, 8, generator=g, dtype=dtype)
+    if repeat_frames:                            # identical frames -> tied block scores across ranks
+        for dst, src in repeat_frames:
+            lat[:, dst] = lat[:, src]
+    K = torch.tensor([[7.0, 0, 4], [0, 7.0, 4], [0, 0, 1]], dtype=dtype).expand(1, T, 3, 3).clone()
+    c2w = torch.eye(4, dtype=dtype).repeat(1, T, 1, 1)
+    c2w[0, :, 0, 3] = torch.linspace(0, 1, T, dtype=dtype)
+    c2w[0, :, 2, 3] = torch.sin(torch.linspace(0, 3, T, dtype=dtype))
+    return lat, K, c2w
+
+
+def loss_and_grads(model, lat, K, c2w, starts, ctx, seed=3):
+    model.zero_grad(set_to_none=True)
+    loss, stats = rectified_flow_loss(model, lat, K, c2w, starts, DiffusionArgs(), generator=torch.Generator().manual_seed(seed),
+                                      ctx=ctx, return_stats=False)
+    loss.backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return loss.detach(), grads, stats
+
+
+def check_equivalence(rank: int, world: int, port: int, cases: list[dict]) -> None:
+    """Every case: cp loss, selection and (all-reduced) gradients equal the single-process ones."""
+    init(rank, world, port)
+    try:
+        layout = Layout.make(world, world, rank)           # one cp group of every rank (dp = 1)
+        cp_group, _ = build_groups(layout)
+        for case in cases:
+            dtype = case.get("dtype", torch.float64)
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            model = tiny_model(case["strategy"], dtype, case.get("merge", "gate"), case.get("frame_pos", True),
+                               case.get("camera", True), case.get("top_k", 3), case.get("window", 3))
+            lat, K, c2w = batch(case["T"], dtype, repeat_frames=case.get("repeat"))
+            ref_loss, ref_grads, ref_stats = loss_and_grads(model, lat, K, c2w, case["starts"], None)
+            ctx = CPMemory(cp_group, layout.cp_rank, layout.cp)
+            loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx)
+            name = f"{case} rank {rank}"
+            if not torch.allclose(loss, ref_loss, atol=tol, rtol=tol):
+                raise AssertionError(f"{name}: loss {loss.item()} != single-process {ref_loss.item()}")
+            if "selected" in ref_stats["layers"][0]:
+                for li, (a, b) in enumerate(zip(stats["layers"], ref_stats["layers"])):
+                    va, vb = a["selected"].where(a["selected_valid"], -1), b["selected"].where(b["selected_valid"], -1)
+                    if case.get("repeat"):
+                        # exact ties: keys of identical frames on different ranks differ by an ulp (GEMMs of
+                        # other row counts), so only "equally good" can match one process, not the index
+                        sa = b["scores"].gather(-1, a["selected"]).where(a["selected_valid"], 0).sum(-1)
+                        sb = b["scores"].gather(-1, b["selected"]).where(b["selected_valid"], 0).sum(-1)
+                        if not torch.allclose(sa, sb, atol=tol, rtol=tol):
+                            raise AssertionError(f"{name}: layer {li} selection scores worse than single-process")
+                    elif not torch.equal(va, vb):
+                        raise AssertionError(f"{name}: layer {li} selected blocks differ from single-process")
+                    mine = va.clone()
+                    dist.broadcast(mine, src=0, group=cp_group)
+                    if not torch.equal(mine, va):
+                        raise AssertionError(f"{name}: layer {li} selection differs between ranks")
+            for n, g in grads.items():
+                g = g.clone()
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                g /= world                                     # DeepSpeed's average over the world
+                if not torch.allclose(g, ref_grads[n], atol=tol, rtol=tol * 10):
+                    err = (g - ref_grads[n]).abs().max().item()
+                    raise AssertionError(f"{name}: gradient of {n} differs from single-process by {err:.3g}")
+            if stats.get("cp_bytes") is None or sum(stats["cp_bytes"].values()) <= 0:
+                raise AssertionError(f"{name}: no cp bytes were counted")
+    finally:
+        dist.destroy_process_group()
