@@ -24,7 +24,7 @@ import torch.nn as nn
 from model.blocks import pool_blocks
 from model.kernels import BACKENDS, attend, expected_logit, merge_lse, softmax_entropy_parts
 from model.memory import LOCAL, BankLayer
-from model.retrieval import retrieval_log_weights, topk_blocks
+from model.retrieval import retrieval_log_weights, selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
 MERGES = ("gate", "joint")
@@ -235,12 +235,12 @@ class DecMemAttention(nn.Module):
             local = (q_pool / math.sqrt(d)) @ kp.transpose(-1, -2)                   # [B, H, n_qb, n_old*n_b]
         else:
             local = q_pool.new_zeros(B, H, nqb, 0)
-        scores = ctx.gather_scores(local, bank, old)                                 # [B, H, n_qb, old*n_b]
-        idx, valid = topk_blocks(scores, a.top_k)                                    # [B, H, n_qb, k]
-        bias = retrieval_log_weights(scores, idx, valid) if a.retrieval_bias else None
+        idx, valid, sel_scores, scores = ctx.select_blocks(local, bank, old, a.top_k)   # [B, H, n_qb, k] each
+        bias = selected_log_weights(sel_scores, valid) if a.retrieval_bias else None
         out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
-        return (out, lse), {"selected": idx, "selected_valid": valid, "scores": scores.detach()}
+        return (out, lse), {"selected": idx, "selected_valid": valid,
+                            "scores": scores.detach() if scores is not None else None}
 
     def _fov(self, q, bank, old, fov_frames, ctx):
         """WorldMem baseline: whole frames chosen by field-of-view coverage, read by every query."""
@@ -330,7 +330,7 @@ class DecMemAttention(nn.Module):
         else:
             kb = _gather_blocks(bank.k, torch.where(valid, idx, torch.zeros_like(idx)), Bs)
             bias = None
-            if a.strategy == "decmem" and a.retrieval_bias:
+            if a.strategy == "decmem" and a.retrieval_bias and stats.get("scores") is not None:
                 bias = retrieval_log_weights(stats["scores"], idx, valid).repeat_interleave(Bs, dim=-1)
             lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, valid.repeat_interleave(Bs, dim=-1))
             sel = (lse.reshape(B, H, N), e.reshape(B, H, N))

@@ -55,13 +55,19 @@ class LocalMemory:
         """Total bank frames across the group."""
         return 0 if bank is None else bank.frame_offset + bank.local_frames
 
-    def gather_scores(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int) -> torch.Tensor:
-        """Scores of the local candidate blocks -> of all candidate blocks, frames [0, candidates).
+    def select_blocks(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
+        """Global top-k of the candidate blocks (frames [0, candidates)) from the local blocks' scores.
 
         local_scores: [..., n] for the local frames older than ``candidates``, in
-        block order. On one process they already are all of them.
+        block order (on one process: all of them). Returns (idx [..., k] global
+        block indices, valid [..., k], selected scores [..., k] with gradient,
+        all scores [..., n] or None where they are not all held locally).
         """
-        return local_scores
+        from model.retrieval import topk_blocks
+
+        idx, valid = topk_blocks(local_scores, k)
+        sel = local_scores.gather(-1, idx) if local_scores.shape[-1] else local_scores.new_zeros(idx.shape)
+        return idx, valid, sel, local_scores
 
     def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine partial attentions over disjoint bank shards (identity on one process)."""

@@ -58,6 +58,16 @@ def _tie_break(s: torch.Tensor, kth: torch.Tensor, kk: int) -> torch.Tensor:
     return torch.where(chosen, positions, torch.full_like(positions, s.shape[-1])).topk(kk, dim=-1, largest=False).values
 
 
+def selected_log_weights(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log softmax over the valid selected scores [..., k] (0 on invalid slots), gradient-safe when none is valid."""
+    sel = torch.where(valid, sel, torch.full_like(sel, -math.inf))
+    m = sel.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z = torch.exp(sel - m).sum(dim=-1, keepdim=True)
+    z = torch.where(z > 0, z, torch.ones_like(z))
+    return torch.where(valid, sel - m - torch.log(z), torch.zeros_like(sel))
+
+
 def retrieval_log_weights(scores: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """log softmax of the selected blocks' scores (the learnable-retrieval bias); 0 on invalid slots.
 

@@ -109,6 +109,16 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+def cmd_bench_cp(args) -> int:
+    from training.bench_cp import run_cp_bench
+
+    cfg = _load(args)
+    run_cp_bench(cfg, args.cp, args.bank_frames, args.json, log=lambda s: print(s, flush=True))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_config(args) -> int:
     cfg = _load(args)
     import yaml
@@ -211,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     dat.add_argument("--json", default=None)
     _add_config_args(dat)
     dat.set_defaults(func=cmd_bench_data)
+
+    cpb = bsub.add_parser("cp", help="bytes moved by context parallelism vs a K/V all-gather, bank memory per rank",
+                          description="Run the query read over a bank sharded across cp real processes (gloo) and "
+                                      "count bytes moved per layer, per-rank bank memory and selected-block imbalance.")
+    cpb.add_argument("--cp", type=_int_list, default=[1, 2, 4], help="comma-separated cp sizes")
+    cpb.add_argument("--bank-frames", type=_int_list, default=[56, 224], help="bank sizes in frames")
+    cpb.add_argument("--json", default=None)
+    _add_config_args(cpb)
+    cpb.set_defaults(func=cmd_bench_cp)
 
     cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
                          description="Load CONFIG plus key=value overrides, report the first problem with file, "

@@ -4,7 +4,8 @@ Ranks form a dp × cp grid: rank r is (dp_rank, cp_rank) = (r // cp, r % cp). Th
 ranks of one cp group hold the same sample. Each encodes a contiguous shard of
 the bank frames; the query stream is replicated. Per layer, ``CPMemory``
 answers the attention layer's context calls:
-  gather_scores   local block scores -> all-gather -> every rank's identical global top-k
+  select_blocks   local block scores -> all-gather of each rank's top-k (score, index) -> one global
+                  top-k, identical on every rank (k pairs per rank move, not every block's score)
   merge_partials  partial (out, lse) over local blocks -> fp32 log-sum-exp merge across the group
   window_kv       the ALM window's K/V (few frames, possibly on another rank), to every rank
   memory_halo     the W-1 frames before a shard, for the memory stream's local window
@@ -148,14 +149,27 @@ class CPMemory:
 
     # ---- collectives the attention layer calls ------------------------------------
 
-    def gather_scores(self, local, bank, candidates: int):
-        """[..., n_local_candidates] -> [..., candidates * n_b], blocks in global order on every rank."""
+    def select_blocks(self, local, bank, candidates: int, k: int):
+        """Global top-k from each rank's local top-k: gather k (score, global index) pairs per rank, not all scores.
+
+        The global top-k lies within the union of the local ones. Ranks hold increasing contiguous frame
+        ranges and each local top-k lists blocks in ascending index, so in the gathered list position order
+        is global index order, and the same tie rule (lower index first) gives the single-process answer.
+        """
+        from model.retrieval import topk_blocks
+
         n_b = bank.blocks_per_frame if bank is not None else 1
-        counts = [max(0, min(hi, candidates) - lo) * n_b for lo, hi in self.ranges()]
-        width = max(counts + [1])
-        pad = local.new_full((*local.shape[:-1], width - local.shape[-1]), -math.inf)
-        gathered = self._all_gather(torch.cat([local, pad], dim=-1), "scores")        # [cp, ..., width]
-        return torch.cat([gathered[r, ..., :counts[r]] for r in range(self.size)], dim=-1)
+        lo = self.ranges()[self.rank][0]
+        l_idx, l_valid = topk_blocks(local, k)                                          # [..., k] local indices
+        l_sel = local.gather(-1, l_idx) if local.shape[-1] else local.new_zeros(l_idx.shape)
+        l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf))
+        g_sel = self._all_gather(l_sel, "scores")                                       # [cp, ..., k] (with grad)
+        g_idx = self._all_gather_nograd(torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)), "scores")
+        cand = torch.cat(list(g_sel.unbind(0)), dim=-1)                                 # [..., cp*k], rank order
+        cidx = torch.cat(list(g_idx.unbind(0)), dim=-1)
+        pos, valid = topk_blocks(cand, k)                                               # same rule as one process
+        idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
+        return idx, valid, cand.gather(-1, pos), None
 
     def merge_partials(self, out, lse):
         """Log-sum-exp merge of partial attentions across the group, in fp32; (0, -inf) rows stay empty."""
@@ -232,6 +246,12 @@ class CPMemory:
         self._count(name, x, gather=True)
         return _AllGather.apply(x, self.group, self.rank, self.size, self._anchor())
 
+    def _all_gather_nograd(self, x, name):
+        self._count(name, x, gather=True)
+        out = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(out, x.contiguous(), group=self.group)
+        return torch.stack(out)
+
     def _anchor(self):
         if not torch.is_grad_enabled():
             return None
@@ -240,9 +260,9 @@ class CPMemory:
         return self._anchor_t
 
     def _count(self, name, x, gather=False):
-        # ring all-reduce / all-gather: each rank sends and receives ~(cp-1)/cp of the result
-        n = x.numel() * x.element_size() * (self.size if gather else 1)
-        self.bytes[name] += int(2 * n * (self.size - 1) / self.size)
+        """Bytes this rank sends + receives, ring algorithms: all-gather of S bytes 2S(cp-1)/cp, all-reduce 4S(cp-1)/cp."""
+        n = x.numel() * x.element_size()
+        self.bytes[name] += int((2 * n * self.size if gather else 4 * n) * (self.size - 1) / self.size)
 
     def bytes_moved(self) -> dict:
         return dict(self.bytes)
