@@ -35,6 +35,11 @@ def test_cp_matches_single_process(world):
     mp.spawn(check_equivalence, args=(world, free_port(), cases), nprocs=world, join=True)
 
 
+def test_dp2_x_cp2_groups():
+    cases = [CASES[0], CASES[5]]                                        # decmem and dense, 4 processes as 2 x 2
+    mp.spawn(check_equivalence, args=(4, free_port(), cases, 2), nprocs=4, join=True)
+
+
 def test_layout_and_shard_rules():
     assert Layout.make(4, 2, 3).dp_rank == 1 and Layout.make(4, 2, 3).cp_rank == 1
     with pytest.raises(ValueError, match="world size 6 does not factor as dp x cp with cp=4"):

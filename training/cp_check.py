@@ -56,11 +56,14 @@ def loss_and_grads(model, lat, K, c2w, starts, ctx, seed=3):
     return loss.detach(), grads, stats
 
 
-def check_equivalence(rank: int, world: int, port: int, cases: list[dict]) -> None:
-    """Every case: cp loss, selection and (all-reduced) gradients equal the single-process ones."""
+def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: int | None = None) -> None:
+    """Every case: cp loss, selection and (world-averaged) gradients equal the single-process ones.
+
+    With dp > 1 every dp replica gets the same batch, so the world average must still equal one process.
+    """
     init(rank, world, port)
     try:
-        layout = Layout.make(world, world, rank)           # one cp group of every rank (dp = 1)
+        layout = Layout.make(world, cp or world, rank)     # default: one cp group of every rank (dp = 1)
         cp_group, _ = build_groups(layout)
         for case in cases:
             dtype = case.get("dtype", torch.float64)
@@ -87,7 +90,7 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict]) -> No
                     elif not torch.equal(va, vb):
                         raise AssertionError(f"{name}: layer {li} selected blocks differ from single-process")
                     mine = va.clone()
-                    dist.broadcast(mine, src=0, group=cp_group)
+                    dist.broadcast(mine, group=cp_group, group_src=0)
                     if not torch.equal(mine, va):
                         raise AssertionError(f"{name}: layer {li} selection differs between ranks")
             for n, g in grads.items():
