@@ -76,13 +76,7 @@ def retrieval_log_weights(scores: torch.Tensor, idx: torch.Tensor, valid: torch.
     """
     if scores.shape[-1] == 0:
         return torch.zeros(idx.shape, dtype=scores.dtype, device=scores.device)
-    sel = scores.gather(-1, idx)                                                  # [..., k]
-    sel = torch.where(valid, sel, torch.full_like(sel, -math.inf))
-    m = sel.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    z = torch.exp(sel - m).sum(dim=-1, keepdim=True)
-    z = torch.where(z > 0, z, torch.ones_like(z))
-    return torch.where(valid, sel - m - torch.log(z), torch.zeros_like(sel))
+    return selected_log_weights(scores.gather(-1, idx), valid)
 
 
 #################################################################################

@@ -78,23 +78,12 @@ def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=Non
         local = os.path.join(tmp, "local-1")
         hw = tuple(int(x) for x in dict(kv.split("=") for kv in spec.split(","))["hw"].split("x"))
         # 2-3. loader from local disk and from S3 on loopback, alternated 3 times (this VM is noisy): medians
-        from moto.server import ThreadedMotoServer
+        from data_pipeline.s3_local import loopback_s3
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                "AWS_DEFAULT_REGION")}
-        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-        try:
-            import boto3
+        with loopback_s3("decmem-bench"):
             import s3fs
 
-            s3fs.S3FileSystem.clear_instance_cache()
-            boto3.client("s3").create_bucket(Bucket="decmem-bench")
-            fs = s3fs.S3FileSystem()
-            fs.put(local, "decmem-bench/ds", recursive=True)
+            s3fs.S3FileSystem().put(local, "decmem-bench/ds", recursive=True)
             rates = {"local": [], "s3 (loopback)": []}
             for _ in range(3):
                 for variant, url in (("local", local), ("s3 (loopback)", "s3://decmem-bench/ds")):
@@ -102,10 +91,6 @@ def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=Non
             for variant, rs in rates.items():
                 rows.append({"what": "loader", "variant": variant, "samples_per_s": sorted(rs)[1], "runs": rs})
                 log(f"loader {variant}: {sorted(rs)[1]:.1f} samples/s (median of {[round(r, 1) for r in rs]})")
-        finally:
-            server.stop()
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         # 4. what the trainer consumes
         rows.append({"what": "trainer", "variant": f"{cfg.model.size} model, fwd+bwd+AdamW, batch 1",
                      "samples_per_s": _trainer_rate(cfg, hw, clip_frames)})

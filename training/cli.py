@@ -54,10 +54,14 @@ def cmd_bench_attention(args) -> int:
         dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")  # the resolved config behind the rows
     rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json,
                                log=lambda s: print(s, flush=True))
+    return _print_rows(rows, format_table, args.json)
+
+
+def _print_rows(rows, format_table, json_path) -> int:
     print()
     print(format_table(rows))
-    if args.json:
-        print(f"\nwrote {len(rows)} rows to {args.json}")
+    if json_path:
+        print(f"\nwrote {len(rows)} rows to {json_path}")
     return 0
 
 
@@ -68,11 +72,7 @@ def cmd_bench_generate(args) -> int:
     if args.json:
         dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")
     rows = run_generate_bench(cfg, args.strategies, args.bank_frames, args.json, log=lambda s: print(s, flush=True))
-    print()
-    print(format_table(rows))
-    if args.json:
-        print(f"\nwrote {len(rows)} rows to {args.json}")
-    return 0
+    return _print_rows(rows, format_table, args.json)
 
 
 def cmd_generate(args) -> int:
