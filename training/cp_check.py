@@ -75,6 +75,18 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
             ctx = CPMemory(cp_group, layout.cp_rank, layout.cp)
             loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx)
             name = f"{case} rank {rank}"
+            with torch.no_grad():                              # the query stream's output itself, not only the loss
+                t0, C = case["starts"][-1], model.args.chunk_frames
+                x = lat[:, t0:t0 + C] * 0.6 + 0.1
+                tau = torch.full((1,), 0.4, dtype=dtype)
+                cams = (K[:, t0:t0 + C], c2w[:, t0:t0 + C])
+                ref_out, _ = model(x, tau, *cams, t0, model.encode_memory(lat[:, :t0], K[:, :t0], c2w[:, :t0]))
+                lo, hi = ctx.shard(t0)
+                bank = model.encode_memory(lat[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, ctx=ctx)
+                out, _ = model(x, tau, *cams, t0, bank, ctx=ctx)
+                if not torch.allclose(out, ref_out, atol=tol, rtol=tol):
+                    raise AssertionError(f"{name}: output differs from single-process by "
+                                         f"{(out - ref_out).abs().max().item():.3g}")
             if not torch.allclose(loss, ref_loss, atol=tol, rtol=tol):
                 raise AssertionError(f"{name}: loss {loss.item()} != single-process {ref_loss.item()}")
             if "selected" in ref_stats["layers"][0]:
