@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from data_pipeline import storage
 from data_pipeline.clip import validate_clip
 from data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
 from data_pipeline.sources import get_source

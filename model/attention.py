@@ -24,7 +24,7 @@ import torch.nn as nn
 from model.blocks import pool_blocks
 from model.kernels import BACKENDS, attend, expected_logit, merge_lse, softmax_entropy_parts
 from model.memory import LOCAL, BankLayer
-from model.retrieval import retrieval_log_weights, selected_log_weights
+from model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
 MERGES = ("gate", "joint")
@@ -154,7 +154,7 @@ class DecMemAttention(nn.Module):
         """
         a, ctx = self.args, (ctx or LOCAL)
         B, N, _ = x.shape
-        Nf, H, d = frame_tokens, self.n_heads, self.head_dim
+        Nf, H = frame_tokens, self.n_heads
         self._check_frames(N, Nf)
         q, k, v = self._heads(x)                                           # [B, H, N, d]
         stats: dict = {}
@@ -212,14 +212,17 @@ class DecMemAttention(nn.Module):
     def _dense(self, q, bank, L, chunk_start, ctx):
         """Every readable bank token (dense), optionally biased by -decay * age in frames."""
         kv = bank.frames(0, L) if bank is not None else None
-        bias = None
-        if kv is not None and self.args.strategy == "dense_decay":
-            B, H, n, Nf, _ = kv[0].shape
-            t = bank.frame_offset + torch.arange(n, device=q.device)                  # global frame index
-            age = (chunk_start - t).to(q.dtype)                                        # [n], >= 1
-            bias = (-self.args.decay * age).repeat_interleave(Nf).expand(B, H, n * Nf)
-        out, lse = self._attend_frames(q, kv, bias)
+        out, lse = self._attend_frames(q, kv, self._decay_bias(q, bank, kv, chunk_start))
         return ctx.merge_partials(out, lse)
+
+    def _decay_bias(self, q, bank, kv, chunk_start):
+        """dense_decay: -decay * age (frames before the chunk) per bank token [B, H, n*N_f]; None otherwise."""
+        if kv is None or self.args.strategy != "dense_decay":
+            return None
+        B, H, n, Nf, _ = kv[0].shape
+        t = bank.frame_offset + torch.arange(n, device=q.device)                      # global frame index
+        age = (chunk_start - t).to(q.dtype)                                            # [n], >= 1
+        return (-self.args.decay * age).repeat_interleave(Nf).expand(B, H, n * Nf)
 
     def _sgm(self, q, bank, old, ctx):
         """Sparse Global Memory: pooled query blocks score pooled bank blocks, top-k, token attention."""
@@ -239,7 +242,7 @@ class DecMemAttention(nn.Module):
         bias = selected_log_weights(sel_scores, valid) if a.retrieval_bias else None
         out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
-        return (out, lse), {"selected": idx, "selected_valid": valid,
+        return (out, lse), {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
                             "scores": scores.detach() if scores is not None else None}
 
     def _fov(self, q, bank, old, fov_frames, ctx):
@@ -315,13 +318,9 @@ class DecMemAttention(nn.Module):
             return {"entropy": softmax_entropy_parts([self._frames_expect(q, win_kv), e_chunk]).mean()}
         if a.strategy in ("dense", "dense_decay"):
             kv = bank.frames(0, L) if bank is not None else None
-            bias = None
-            if kv is not None and a.strategy == "dense_decay":
-                n = kv[0].shape[2]
-                t = bank.frame_offset + torch.arange(n, device=q.device)
-                bias = (-a.decay * (chunk_start - t).to(q.dtype)).repeat_interleave(kv[0].shape[3])
+            bias = self._decay_bias(q, bank, kv, chunk_start)
             return {"entropy": softmax_entropy_parts([self._frames_expect(q, kv, bias), e_chunk]).mean()}
-        # selected blocks (single-process view: bank holds every block)
+        # selected blocks held by this process (all of them on one process; a cp rank's own share)
         idx, valid = stats["selected"], stats["selected_valid"]
         G = idx.shape[2]
         Bs = a.block_size
@@ -330,8 +329,8 @@ class DecMemAttention(nn.Module):
         else:
             kb = _gather_blocks(bank.k, torch.where(valid, idx, torch.zeros_like(idx)), Bs)
             bias = None
-            if a.strategy == "decmem" and a.retrieval_bias and stats.get("scores") is not None:
-                bias = retrieval_log_weights(stats["scores"], idx, valid).repeat_interleave(Bs, dim=-1)
+            if a.strategy == "decmem" and a.retrieval_bias:
+                bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
             lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, valid.repeat_interleave(Bs, dim=-1))
             sel = (lse.reshape(B, H, N), e.reshape(B, H, N))
         out = {"entropy": softmax_entropy_parts([sel, e_chunk]).mean()}
@@ -342,10 +341,8 @@ class DecMemAttention(nn.Module):
     def _frames_expect(self, q, kv, key_bias=None):
         if kv is None:
             return expected_logit(q, q[..., :0, :])
-        kf = kv[0]
-        B, H, n, Nf, d = kf.shape
-        kb = None if key_bias is None else key_bias.expand(B, H, n * Nf)
-        return expected_logit(q, kf.reshape(B, H, n * Nf, d), kb)
+        B, H, n, Nf, d = kv[0].shape
+        return expected_logit(q, kv[0].reshape(B, H, n * Nf, d), key_bias)
 
 
 def _flat_frames(x: torch.Tensor) -> torch.Tensor:

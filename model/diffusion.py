@@ -68,11 +68,12 @@ def timesteps(args: DiffusionArgs, device="cpu") -> torch.Tensor:
 @torch.no_grad()
 def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, actions=None, generator=None,
                  device="cpu", dtype=torch.float32, ctx=None):
-    """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps: [B, C, C_lat, h, w]."""
+    """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps -> ([B, C, C_lat, h, w], last stats)."""
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     ts = timesteps(args, device)
+    stats: dict = {}
     for i in range(args.sample_steps):
         tau = ts[i].expand(shape[0]).to(dtype)
-        v, _ = model(x, tau, K, c2w, chunk_start, bank, actions, ctx)
+        v, stats = model(x, tau, K, c2w, chunk_start, bank, actions, ctx)
         x = x + (ts[i + 1] - ts[i]).to(dtype) * v
-    return x
+    return x, stats

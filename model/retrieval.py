@@ -68,17 +68,6 @@ def selected_log_weights(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return torch.where(valid, sel - m - torch.log(z), torch.zeros_like(sel))
 
 
-def retrieval_log_weights(scores: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log softmax of the selected blocks' scores (the learnable-retrieval bias); 0 on invalid slots.
-
-    scores: [..., n] (with grad), idx/valid: [..., k] -> [..., k]. Gradient
-    reaches the pooled queries and keys only through the selected entries.
-    """
-    if scores.shape[-1] == 0:
-        return torch.zeros(idx.shape, dtype=scores.dtype, device=scores.device)
-    return selected_log_weights(scores.gather(-1, idx), valid)
-
-
 #################################################################################
 #                        Field-of-view frames (WorldMem)                        #
 #################################################################################

@@ -55,7 +55,7 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         idx = torch.arange(t, t + C).clamp(max=K.shape[1] - 1)        # past the path's end: hold the last camera
         Kc, cc = K[:, idx], c2w[:, idx]
         ac = actions[:, idx] if actions is not None else None
-        x = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt)
+        x, stats = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt)
         keep = min(C, total - t)
         new = gt_latents[:, t:t + keep].to(dev, dt) if teacher_forcing else x[:, :keep]
         enc = model.encode_memory(new, Kc[:, :keep], cc[:, :keep], t, act(t, t + keep), past=bank)
@@ -66,18 +66,10 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         out.append(x[:, :keep])
         res.chunk_seconds.append(time.perf_counter() - start)
         res.chunk_frames.append(keep)
-        res.attended_tokens.append(_attended(model, Kc, cc, t, bank, x))
+        res.attended_tokens.append(int(stats["attended_tokens"]))
         t += keep
         if on_chunk is not None:
             on_chunk(t - N, n_new, res)
     res.latents, res.bank = torch.cat(out, dim=1), bank
     return res
 
-
-def _attended(model, K, c2w, t, bank, x) -> int:
-    """Key tokens per query of this chunk's read (from the attention layers' own count)."""
-    Nf = model.layout(*x.shape[-2:]).tokens
-    a = model.args.attention
-    readable = min(bank.frames + bank.frame_offset, t) if bank is not None else 0
-    w_lo = max(0, t - (a.window - 1))
-    return model.blocks[0].attn._attended_tokens(x.shape[1] * Nf, Nf, readable, w_lo, min(w_lo, readable))

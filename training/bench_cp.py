@@ -3,7 +3,6 @@ per-rank bank memory, and load imbalance of the selected blocks. Real processes 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -15,7 +14,6 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank, world, port, cfg_dict, T, out_path):
-    from model.diffusion import DiffusionArgs  # noqa: F401  (config types)
     from model.dit import VideoDiT
     from training.bench_attention import orbit_cameras
     from training.config import load_config
@@ -79,19 +77,15 @@ def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):
     base_mem = {}
     for T in bank_frames:
         for cp in cps:
-            if cp == 1:
-                # one process: nothing moves; its bank is the baseline for the memory ratio
-                cp_rows = None
-            with tempfile.TemporaryDirectory() as tmp:
-                out = os.path.join(tmp, "rows.json")
-                if cp == 1:
-                    mem = _single_bank_bytes(cfg, T)
-                    rows = [{"rank": 0, "frames": T, "bank_bytes": mem, "owned_selected": 1, "query_bytes": {},
-                             "memory_bytes": {}, "kv_allgather_bytes_per_layer": 0}]
-                else:
-                    with socket.socket() as s:
-                        s.bind(("127.0.0.1", 0))
-                        port = s.getsockname()[1]
+            if cp == 1:      # one process: nothing moves; its bank is the baseline of the memory ratio
+                rows = [{"rank": 0, "frames": T, "bank_bytes": _single_bank_bytes(cfg, T), "owned_selected": 1,
+                         "query_bytes": {}, "memory_bytes": {}, "kv_allgather_bytes_per_layer": 0}]
+            else:
+                with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                    sock.close()
+                    out = os.path.join(tmp, "rows.json")
                     mp.spawn(_worker, args=(cp, port, to_dict(cfg), T, out), nprocs=cp, join=True)
                     rows = json.load(open(out))
             q_bytes = max(sum(r["query_bytes"].values()) for r in rows) / depth
