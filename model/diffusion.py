@@ -22,8 +22,17 @@ class DiffusionArgs:
             raise ValueError("logit_normal_std: expected > 0" if self.logit_normal_std <= 0 else "shift: expected > 0")
 
 
+def randn(shape, generator=None, dtype=None, device="cpu") -> torch.Tensor:
+    """Normal noise; ``generator`` may be one per sample (a list), so a sample's noise is the same in any batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} per-sample generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
 def sample_tau(n: int, args: DiffusionArgs, generator=None, device="cpu") -> torch.Tensor:
-    z = torch.randn(n, generator=generator, device=device) * args.logit_normal_std + args.logit_normal_mean
+    z = randn((n,), generator, device=device) * args.logit_normal_std + args.logit_normal_mean
     return torch.sigmoid(z)
 
 
@@ -33,7 +42,8 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
 
     latents [B, T, C, h, w] (clean), K/c2w [B, T, ...]; chunk_starts: frame index of
     each target chunk. The memory stream encodes frames [0, max start) once; each
-    chunk reads only the frames before its own start.
+    chunk reads only the frames before its own start. ``generator``: one, or a list
+    with one per sample (then the loss of a sample does not depend on its batch).
     """
     B, T = latents.shape[:2]
     C = model.args.chunk_frames
@@ -49,7 +59,7 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     losses, stats = [], {}
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        eps = randn(x0.shape, generator, x0.dtype, x0.device)
         tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
         pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats)

@@ -75,6 +75,12 @@ def cmd_bench_generate(args) -> int:
     return _print_rows(rows, format_table, args.json)
 
 
+def cmd_bench_train(args) -> int:
+    from training.bench_train import cli_main
+
+    return cli_main(_load(args), args, log=lambda s: print(s, flush=True))
+
+
 def cmd_generate(args) -> int:
     from training.generate import generate
 
@@ -117,6 +123,48 @@ def cmd_bench_cp(args) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def cmd_train(args) -> int:
+    from training.distributed import env_rank_world, launch_local
+    from training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, args.config, args.overrides)      # a typo fails here, before any process starts
+    inside = env_rank_world()[2] > 1 or "RANK" in os.environ          # already one rank of a launched world
+    world = args.nproc or env_rank_world()[2]
+    if args.dry_run:
+        from training.dry_run import run_dry_run
+
+        run_dry_run(cfg, world, log=lambda s: print(s, flush=True))
+        return 0
+    if args.nproc and args.nproc > 1 and not inside:
+        from training.dry_run import check_data, validate
+
+        try:                                                         # layout and data problems, before spawning
+            validate(cfg, args.nproc)
+            check_data(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"decmem: {e}", file=sys.stderr)
+            return 2
+        rc = launch_local(args.nproc, ["train", args.config, *args.overrides])
+        return rc or _stopped_early(cfg)
+    from training.trainer import train
+
+    outcome = train(cfg)
+    if inside:            # a rank's non-zero exit would make the launcher kill the others: report it from the parent
+        return 0
+    return 0 if outcome == "done" else 3                             # 3: stopped (signal or stop_at) after saving
+
+
+def _stopped_early(cfg) -> int:
+    """3 if the run saved and stopped before train.steps (a signal or train.stop_at), else 0."""
+    from training.checkpoint import resolve_resume
+
+    path = resolve_resume(cfg.run_dir, "latest")
+    if path is None:
+        return 0
+    with open(os.path.join(path, "trainstate.json")) as f:
+        return 3 if json.load(f)["step"] < cfg.train.steps else 0
 
 
 def cmd_config(args) -> int:
@@ -164,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
     _add_config_args(gen)
     gen.set_defaults(func=cmd_bench_generate)
+
+    trn = bsub.add_parser("train", help="training tokens/s and step memory vs bank size; longest bank per memory budget",
+                          description="Full training steps (rectified-flow loss, backward, AdamW) of the configured "
+                                      "model, one target chunk after a bank of L latent frames, each point in a fresh "
+                                      "process: median step time, training tokens/s, the step's own RSS; then the "
+                                      "longest bank each strategy fits under --memory-gb (doubling, then bisection).")
+    trn.add_argument("--strategies", type=_strategies, default=_strategies("decmem,dense"),
+                     help="comma-separated strategies (default: decmem,dense)")
+    trn.add_argument("--bank-frames", type=_int_list, default=[16, 32, 64, 128], help="bank sizes in latent frames")
+    trn.add_argument("--memory-gb", type=float, default=2.0,
+                     help="budget for one training step's own working set (RSS above the pre-step RSS), GiB")
+    trn.add_argument("--no-search", action="store_true", help="only the timed points, no memory-fit search")
+    trn.add_argument("--steps", type=int, default=3, help="timed steps per point (the median is reported)")
+    trn.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    trn.add_argument("--cap", type=int, default=4096, help="longest bank the search tries, in frames")
+    trn.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds per point; a point that runs longer counts as not fitting")
+    trn.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
+    _add_config_args(trn)
+    trn.set_defaults(func=cmd_bench_train)
 
     from data_pipeline.sources import FORMATS
     from model.attention import STRATEGIES
@@ -231,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cpb)
     cpb.set_defaults(func=cmd_bench_cp)
 
+    tr = sub.add_parser("train", help="train (or resume) a model: DeepSpeed ZeRO-3 over dp x cp ranks",
+                        description="Train per CONFIG plus key=value overrides. Runs as one rank under torchrun, the "
+                                    "deepspeed launcher or SLURM; --nproc N starts N local processes itself. Resumes "
+                                    "from run_dir/checkpoints/latest unless checkpoint.resume=none.")
+    tr.add_argument("config", metavar="CONFIG", help="YAML run config (configs/debug.yaml, demo.yaml, paper.yaml)")
+    tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.cp=2")
+    tr.add_argument("--nproc", type=int, default=None, metavar="N", help="launch N local processes (one machine)")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="print layout, parameter count, tokens per step, per-rank memory estimate; check the data; "
+                         "start nothing")
+    tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    tr.set_defaults(func=cmd_train)
+
     cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
                          description="Load CONFIG plus key=value overrides, report the first problem with file, "
                                      "line and key, else print the resolved YAML.")
@@ -247,6 +328,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"decmem: config error: {e}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ def _coerce(t, value, key: str, src: str):
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):               # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         fail("a number")
     if t is str:
         if isinstance(value, str):

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.loader import DataArgs
 from model.diffusion import DiffusionArgs
 from model.dit import ModelArgs
+from training.checkpoint import CheckpointArgs
 from training.config import register_root
+from training.metrics import LogArgs
+from training.optim import OptimArgs
+from training.trainer import TrainArgs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -68,5 +73,10 @@ class RunConfig:
     seed: int = 0
     model: ModelArgs = field(default_factory=ModelArgs)
     diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    log: LogArgs = field(default_factory=LogArgs)
     bench: AttentionBenchArgs = field(default_factory=AttentionBenchArgs)
     bench_generate: GenerateBenchArgs = field(default_factory=GenerateBenchArgs)

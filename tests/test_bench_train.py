@@ -1,0 +1,87 @@
+"""decmem bench train: points run full training steps in fresh processes; the memory-fit search is monotone."""
+import json
+import math
+
+import pytest
+
+from training.bench_train import fit_ratio, fit_search, format_table, run_point, run_train_bench
+from training.config import load_config
+from training.run_config import RunConfig
+
+TINY = ["model.size=debug", "model.chunk_frames=2", "model.attention.block_size=4", "model.attention.top_k=2",
+        "model.attention.window=2", "bench_generate.latent_h=8", "bench_generate.latent_w=8",
+        "bench_generate.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(RunConfig, None, TINY)
+
+
+def test_points_and_fit_nothing(cfg, tmp_path):
+    """Two real points (subprocesses); a budget below any step's working set fits nothing, for both."""
+    path = tmp_path / "train.json"
+    rows = run_train_bench(cfg, ["decmem", "dense"], [16], str(path), log=lambda s: None,
+                           memory_budget_gb=1e-4, steps=1, warmup=1, cap=64)
+    points = {r["strategy"]: r for r in rows if r["kind"] == "point"}
+    assert set(points) == {"decmem", "dense"}
+    assert not [r for r in rows if r["kind"] == "search"]          # the search reused the measured points
+    for r in points.values():
+        assert r["status"] == "ok"
+        for key in ("step_s", "tokens_per_s", "peak_rss_mb", "rss_before_mb", "step_rss_mb", "bank_tokens",
+                    "attended_tokens"):
+            assert key in r, key
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+        Nf = (8 // 2) * (8 // 2)
+        assert r["tokens_per_frame"] == Nf and r["bank_tokens"] == 16 * Nf
+        assert r["tokens_per_s"] == pytest.approx((16 + 2) * Nf / r["step_s"])
+        assert 0 < r["step_rss_mb"] < r["peak_rss_mb"]
+    # decmem reads top-k blocks + window + chunk; dense reads the whole bank + chunk
+    assert points["decmem"]["attended_tokens"] == 2 * 4 + 1 * 16 + 2 * 16
+    assert points["dense"]["attended_tokens"] == 16 * 16 + 2 * 16
+    assert points["dense"]["vs_dense"] == 1.0
+    fits = {r["strategy"]: r for r in rows if r["kind"] == "fit"}
+    for f in fits.values():
+        assert f["longest_fit_frames"] is None and f["first_miss_frames"] == 16 and not f["capped"]
+    assert fit_ratio(rows) == 0.0
+    saved = json.loads(path.read_text())
+    assert len(saved) == len(rows) and all("machine" in r for r in saved)
+    table = format_table(rows)
+    assert "| decmem | 16 | 256 | 56 |" in table and "none (< 16)" in table
+
+
+def test_point_over_budget_is_stopped(cfg):
+    """A search point whose working set exceeds the budget reports it (watchdog or after the step)."""
+    r = run_point(cfg, "dense", 8, steps=1, warmup=0, budget_mb=0.5)
+    assert r["status"] == "over_budget"
+    assert r["step_rss_mb"] > 0.5
+
+
+@pytest.mark.parametrize("limit", [1, 5, 16, 17, 100, 1000, 4096])
+def test_fit_search_finds_the_limit_within_tol(limit):
+    calls = []
+
+    def fits(L):
+        calls.append(L)
+        return L <= limit
+
+    res = fit_search(fits, start=16, cap=4096, tol=0.1)
+    if limit < 16:
+        assert res["longest"] is None and res["first_miss"] == 16 and calls == [16]
+    elif limit >= 4096:
+        assert res["capped"] and res["longest"] == 4096 and res["first_miss"] is None
+    else:
+        lo, hi = res["longest"], res["first_miss"]
+        assert lo <= limit < hi and hi - lo <= max(1, int(0.1 * lo))
+    assert len(calls) == len(set(calls)) <= 20
+
+
+def test_fit_search_monotone_in_budget():
+    """A larger budget never gives a shorter bank (memory = 20 MB/frame + 400 MB)."""
+    prev = 0
+    for budget in (100, 500, 900, 2000, 4000, 16000):
+        res = fit_search(lambda L: 400 + 20 * L <= budget, start=4, cap=1024)
+        got = res["longest"] or 0
+        assert got >= prev
+        prev = got
+    assert 780 * 0.9 <= prev <= 780

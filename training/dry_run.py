@@ -1,0 +1,512 @@
+"""``decmem train --dry-run``: check a run config against its layout and data, print what a step costs, then exit.
+
+Nothing here starts training, a process group or a device context: the model is
+built on the ``meta`` device (a paper-size model costs nothing), the data check
+decodes one sample of the first shard, and the memory estimate is arithmetic.
+
+Semantics (the trainer's, DESIGN §2.4, §4, §5):
+  world ranks form a dp x cp grid, dp = world // cp, rank r = (r // cp, r % cp);
+  one optimizer step consumes dp * grad_accum * data.batch_size samples of
+  data.clip_frames latent frames; the cp ranks of one group share a sample and
+  each encodes frames shard_range(bank_frames, cp, cp_rank) of its memory bank;
+  the query stream (data.target_chunks chunks of model.chunk_frames frames) is
+  replicated on every rank of the group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tarfile
+
+import torch
+
+from training.context_parallel import Layout, shard_range
+
+GiB = float(1 << 30)
+
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: '512 B', '1.50 KiB', '12.3 MiB', '4.25 GiB', '1.10 TiB'."""
+    n = float(n)
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024.0
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def resolve_device_precision(train) -> tuple[str, str, str]:
+    """(device, precision, how they were resolved) for a TrainArgs; auto precision is bf16 on cuda, fp32 on cpu."""
+    how = []
+    device = train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        how.append(f"train.device=auto -> {device} on this machine (cuda wherever a GPU is visible)")
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+        how.append(f"train.precision=auto -> {precision} on {device}")
+    return device, precision, "; ".join(how)
+
+
+def _cp_groups(layout: Layout) -> list[list[int]]:
+    return [list(range(g * layout.cp, (g + 1) * layout.cp)) for g in range(layout.dp)]
+
+
+def _dp_groups(layout: Layout) -> list[list[int]]:
+    return [list(range(c, layout.world, layout.cp)) for c in range(layout.cp)]
+
+
+def _fmt_groups(groups: list[list[int]], limit: int = 8) -> str:
+    shown = " ".join("[" + ",".join(map(str, g)) + "]" for g in groups[:limit])
+    return shown + (f" ... ({len(groups)} groups)" if len(groups) > limit else "")
+
+
+def bank_frames(cfg) -> int:
+    """Memory-bank frames of a training sample, worst case: the last target chunk ends at the clip's end."""
+    return cfg.data.clip_frames - cfg.model.chunk_frames
+
+
+def local_bank_frames(cfg) -> int:
+    """The most bank frames one cp rank encodes (shard_range gives the first n % cp ranks one more)."""
+    n, cp = bank_frames(cfg), cfg.train.cp
+    if n < cp:
+        return 1 if n > 0 else 0
+    return max(hi - lo for lo, hi in (shard_range(n, cp, r) for r in range(cp)))
+
+
+def target_chunks(cfg) -> int:
+    """Chunks the loader actually draws: distinct starts in [min_context, clip_frames - chunk_frames]."""
+    d = cfg.data
+    return max(0, min(d.target_chunks, d.clip_frames - cfg.model.chunk_frames - d.min_context + 1))
+
+
+#################################################################################
+#                                  Validation                                   #
+#################################################################################
+
+def validate(cfg, world: int) -> list[str]:
+    """Cross-field checks the dataclasses cannot do alone; ValueError naming the keys. Returns soft warnings."""
+    m, d, t, lg = cfg.model, cfg.data, cfg.train, cfg.log
+    C, cp = m.chunk_frames, t.cp
+    if world < 1:
+        raise ValueError(f"world: expected >= 1 processes, got {world}")
+    if world % cp:
+        divisors = [c for c in range(1, world + 1) if world % c == 0]
+        raise ValueError(f"train.cp={cp} does not divide the world of {world} processes (dp x cp = world): "
+                         f"use train.cp in {divisors} or a multiple of {cp} processes")
+    if d.clip_frames < d.min_context + C:
+        raise ValueError(f"data.clip_frames={d.clip_frames}: expected >= data.min_context + model.chunk_frames = "
+                         f"{d.min_context} + {C} = {d.min_context + C} (the memory frames before the first target "
+                         "chunk plus one chunk)")
+    if cp > 1 and d.min_context < cp:
+        raise ValueError(f"data.min_context={d.min_context}: with train.cp={cp} every cp rank holds a contiguous "
+                         f"share of the memory bank and needs at least one frame, so expected data.min_context >= "
+                         f"{cp} (or a smaller train.cp)")
+    if lg.rollout_every and lg.rollout_frames >= d.clip_frames:
+        raise ValueError(f"log.rollout_frames={lg.rollout_frames}: expected < data.clip_frames={d.clip_frames} "
+                         "(the rest of the clip initialises the rollout's memory bank)")
+    if m.attention.strategy == "fov_frames" and not m.camera:
+        raise ValueError("model.attention.strategy=fov_frames retrieves frames by camera field of view: "
+                         "expected model.camera=true")
+    warnings = []
+    starts = d.clip_frames - C - d.min_context + 1
+    if d.target_chunks > starts:
+        warnings.append(f"data.target_chunks={d.target_chunks} but only {starts} chunk starts fit in "
+                        f"[data.min_context={d.min_context}, data.clip_frames - model.chunk_frames = "
+                        f"{d.clip_frames - C}]: the loader draws {starts} chunks per sample")
+    if cfg.checkpoint.every_steps > t.steps:
+        warnings.append(f"checkpoint.every_steps={cfg.checkpoint.every_steps} > train.steps={t.steps}: "
+                        "only the final checkpoint is written")
+    if cfg.optim.warmup_steps >= t.steps:
+        warnings.append(f"optim.warmup_steps={cfg.optim.warmup_steps} >= train.steps={t.steps}: "
+                        "the learning rate never reaches optim.lr")
+    device, precision, _ = resolve_device_precision(t)
+    if device == "cpu" and precision == "bf16":
+        warnings.append("train.precision=bf16 with train.device=cpu: DESIGN §5 trains fp32 on CPU")
+    return warnings
+
+
+#################################################################################
+#                                   Parameters                                  #
+#################################################################################
+
+def _build_meta_model(cfg):
+    from model.dit import VideoDiT
+
+    try:
+        with torch.device("meta"):
+            return VideoDiT(cfg.model)
+    except Exception:  # an init op without a meta kernel: a real (CPU) model, which is only slower
+        return VideoDiT(cfg.model)
+
+
+def _param_stats(cfg) -> tuple[int, int]:
+    """(all parameters, parameters of the largest DiT block)."""
+    model = _build_meta_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max((sum(p.numel() for p in b.parameters()) for b in model.blocks), default=0)
+    return total, largest
+
+
+def count_parameters(cfg) -> int:
+    """Parameters of the model cfg.model describes, counted on the meta device (no memory, no init cost)."""
+    return _param_stats(cfg)[0]
+
+
+#################################################################################
+#                                    Data                                       #
+#################################################################################
+
+def _first_sample_frames(url: str) -> int | None:
+    """Frames of the first sample with a meta.json in one shard (latent frames where latents are stored)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from data_pipeline import storage
+    from data_pipeline.shards import npy_load
+
+    try:
+        with storage.open_read(url) as f:
+            for s in group_by_keys((dict(e, __url__=url) for e in tar_file_iterator(f)), lcase=False):
+                members = {k.lower(): v for k, v in s.items() if not k.startswith("__")}
+                if "latents.npy" in members:
+                    return int(npy_load(members["latents.npy"], f"{s['__key__']}/latents.npy").shape[0])
+                if "meta.json" in members:
+                    meta = json.loads(members["meta.json"])
+                    if "frames" in meta:
+                        return int(meta["frames"])
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError):
+        return None
+    return None
+
+
+def check_data(cfg) -> dict:
+    """Decode the first usable sample of the first shard and check it against the model.
+
+    Returns {shards, first_shard, frame_hw (latent h, w), channels, sample_frames}.
+    ValueError names the key at fault (data.data, data.clip_frames, model.latent_channels,
+    model.patch_size, model.attention.block_size) and what was expected.
+    """
+    from data_pipeline.loader import ShardLoader, resolve_shards
+    from model.blocks import BlockLayout
+
+    m, d = cfg.model, cfg.data
+    try:
+        urls = resolve_shards(d.data)
+    except FileNotFoundError as e:
+        raise ValueError(f"data.data: {e}".replace("data.data: data: ", "data.data: ")) from None
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg.replace("data:", "data.data:", 1) if msg.startswith("data:") else
+                         f"data.data={d.data!r}: {msg}") from None
+    except Exception as e:  # unreachable storage, missing credentials (botocore's own exception types), ...
+        raise ValueError(f"data.data={d.data!r}: cannot read it ({type(e).__name__}: {e})") from None
+    first = urls[0]
+    args = dataclasses.replace(d, data=first, prefetch=0, batch_size=1, interleave=1)
+    try:
+        loader = ShardLoader(args, m.chunk_frames)
+    except FileNotFoundError:
+        raise ValueError(f"data.data: the first shard {first} (of {len(urls)}) does not exist") from None
+    except ValueError as e:  # clip_frames too short for min_context + a chunk
+        raise ValueError(f"data.clip_frames={d.clip_frames}: {e}") from None
+    try:
+        batch = loader.next_batch()
+    except RuntimeError:  # the shard produced no usable sample
+        st = loader.stats
+        if st["corrupt_shards"]:
+            raise ValueError(f"data.data: the first shard {first} is unreadable or corrupt "
+                             f"(see the warning above)") from None
+        if st["short_samples"]:
+            n = _first_sample_frames(first)
+            have = f" (its first sample has {n} frames)" if n is not None else ""
+            raise ValueError(f"data.clip_frames={d.clip_frames}: no sample of the first shard {first} has that many "
+                             f"latent frames{have}; expected data.clip_frames <= the samples' length "
+                             "(or preprocess with longer --segment-frames)") from None
+        raise ValueError(f"data.data: the first shard {first} holds no usable sample "
+                         f"({st['bad_samples']} bad samples; see the warnings above)") from None
+    except Exception as e:
+        raise ValueError(f"data.data: reading the first shard {first} failed ({type(e).__name__}: {e})") from None
+    finally:
+        loader.close()
+    lat = batch["latents"]                                               # [1, T, C, h, w]
+    _, T, ch, h, w = lat.shape
+    if ch != m.latent_channels:
+        raise ValueError(f"model.latent_channels={m.latent_channels}, but {first} holds {ch}-channel latent frames "
+                         f"({h}x{w}): expected model.latent_channels={ch} (3 for the pixels codec, 4 for SD-VAE "
+                         "latents) or data preprocessed with the matching codec")
+    p = m.patch_size
+    if h % p or w % p:
+        ok = [q for q in range(1, min(h, w) + 1) if h % q == 0 and w % q == 0]
+        raise ValueError(f"model.patch_size={p} does not divide the {h}x{w} latent frames of {first}: "
+                         f"expected one of {ok}")
+    try:
+        BlockLayout(h // p, w // p, m.attention.block_size)
+    except ValueError as e:
+        raise ValueError(f"model.attention.block_size={m.attention.block_size}: {h}x{w} latents with patch_size={p} "
+                         f"give {(h // p) * (w // p)} tokens per frame ({h // p}x{w // p}); {e}") from None
+    if T != d.clip_frames:  # the loader crops every sample to clip_frames exactly
+        raise ValueError(f"data.clip_frames={d.clip_frames}: the loader returned {T} frames")
+    return {"shards": len(urls), "first_shard": first, "frame_hw": (int(h), int(w)), "channels": int(ch),
+            "sample_frames": _first_sample_frames(first) or int(T), "key": batch["keys"][0]}
+
+
+#################################################################################
+#                                Memory estimate                                #
+#################################################################################
+
+def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
+    """Bytes per rank of one training micro-step, by component, for latent frames of ``frame_hw``.
+
+    Keys (bytes per rank): params, grads, optimizer, ema (the ZeRO-partitioned model
+    states), params_gathered (ZeRO-3's unpartitioned working copy of the largest
+    block and the prefetched next one, with the full gradient of one), bank_kv
+    (memory bank of every layer), activations (what autograd keeps for backward:
+    memory_stream + query_stream, or block inputs + one recomputed block with
+    activation checkpointing), workspace (one block's transient backward buffers),
+    cp_buffers (halo and partial-output collectives, cp > 1), total. Also the
+    inputs: layout, precision, tokens_per_frame, bank frames, token counts.
+
+    Upper bound for a step: every target chunk is assumed to read the whole local
+    bank (the last chunk ends at the clip's end). The activation formulas follow
+    this code base's DiT block and attention kernels (tests compare them with the
+    bytes autograd actually saves).
+    """
+    m, att, d, t = cfg.model, cfg.model.attention, cfg.data, cfg.train
+    layout = Layout.make(world, t.cp, 0)
+    device, precision, _ = resolve_device_precision(t)
+    p = m.patch_size
+    h, w = frame_hw
+    Nf = (h // p) * (w // p)                          # tokens per latent frame
+    D, depth, H = m.dim, m.depth, m.n_heads
+    Dp = D + H                                        # fused kernels pad each head by one column: H * (d + 1)
+    W, C, Bs, batch = att.window, m.chunk_frames, att.block_size, d.batch_size
+    n_params, largest_block = _param_stats(cfg)
+
+    # ---- model states (DeepSpeed ZeRO: stage >= 1 splits optimizer, >= 2 grads, 3 params, over all ranks)
+    if precision == "bf16":
+        pb, gb, ob = 2, 2, 12                         # bf16 param + bf16 grad + fp32 master, Adam m, v
+    else:
+        pb, gb, ob = 4, 4, 8                          # fp32 param + grad + Adam m, v
+    z = t.zero_stage
+    params = n_params * pb / (world if z >= 3 else 1)
+    grads = n_params * gb / (world if z >= 2 else 1)
+    optimizer = n_params * ob / (world if z >= 1 else 1)
+    ema = n_params * 4 / (world if z >= 3 else 1) if t.ema > 0 else 0   # fp32 EMA of this rank's partition
+    # ZeRO-3 gathers each block's full parameters for its forward/backward and prefetches the next one;
+    # in backward the block's full gradient exists until its reduce-scatter
+    params_gathered = (2 * largest_block * pb + largest_block * gb) if z >= 3 else 0
+
+    # ---- activations
+    a = 2 if precision == "bf16" else 4               # activation element bytes (the model runs in its precision)
+    f32 = 4
+    Lb = local_bank_frames(cfg)                       # bank frames this rank encodes
+    chunks = target_chunks(cfg)
+    Tm = Lb * Nf * batch                              # memory-stream tokens per rank
+    Tq = C * Nf * batch                               # query-stream tokens per chunk (replicated over cp)
+    math_kernel = att.backend == "math"               # explicit softmax keeps probabilities; fused kernels do not
+
+    # Per token per layer, elements autograd keeps for one DiT block (model/dit.py DiTBlock._run), common to
+    # both streams:
+    #   LayerNorm 1 input x, its modulate() input and output, the gated residual's attention output,
+    #   LayerNorm 2 input, its modulate() output                                     ~ 6 D
+    #   inputs of the Linear layers: qkv (h), proj (attention output), MLP fc1 (h)     3 D
+    #   MLP hidden before and after GELU (fc2 input)                                   2 * mlp_ratio * D
+    # (the qkv output itself is held by the bank / the heads, counted below; LayerNorm mean/rstd are ~1/D)
+    hidden = int(D * m.mlp_ratio)
+    block = 9 * D + 2 * hidden
+    # Memory stream attention (DecMemAttention.encode_memory): one fused kernel call per frame over its
+    # W-frame causal window. unfold() materialises the window K/V, and the kernel keeps q, out and the
+    # window K/V padded to d+1 columns per head:  (2 + 2 W) * (D + H) per token (math kernel: + 3 H W N_f
+    # softmax elements, see the dense note below).
+    mem_attn = (2 + 2 * W) * Dp + (3 * H * W * Nf if math_kernel else 0)
+    mem_layer = Tm * (block + mem_attn) * a
+    memory_stream = depth * mem_layer
+
+    # Query stream attention (DecMemAttention.forward), per chunk token unless noted:
+    #   chunk branch: q, k, v, out (padded)                          4 (D + H)
+    #   ALM window: q, out + the window's K/V, (W-1) frames per chunk 2 (D + H) + 2 (W-1) N_f (D + H) / chunk
+    #   decmem SGM: q, out + each query block's own gathered top_k blocks of K/V (B tokens each), so
+    #     2 top_k (D + H) per query token, + the retrieval bias and mask (2 H top_k)
+    #   dense: every bank token's K/V padded, per chunk: 2 L_b N_f (D + H), which grows with the bank; the
+    #     math kernel also keeps chunk_tokens x bank_tokens scores per head three times (exp, probabilities,
+    #     the matmul's copy): 3 H C N_f L_b N_f per chunk (fused kernels recompute them in backward)
+    #   gated merge: SGM/ALM outputs and gate products ~ 3 D (1 D for one joint merge)
+    # cp > 1 adds the fp32 partial-output all-reduce of the bank read (2 D fp32 per token).
+    s = att.strategy
+    q_tok = block + 4 * Dp                            # per query token: block + chunk branch
+    q_chunk = 0                                       # per chunk, independent of its token count
+    if s in ("dense", "dense_decay"):
+        q_tok += 2 * Dp + D
+        q_chunk += 2 * Lb * Nf * batch * Dp
+        if math_kernel:
+            q_tok += 3 * H * (Lb * Nf + C * Nf)
+    else:
+        q_tok += 2 * Dp                               # window q, out
+        q_chunk += 2 * (W - 1) * Nf * batch * Dp      # the window's K/V
+        if s == "decmem":
+            q_tok += 2 * Dp + 2 * att.top_k * Dp + 2 * H * att.top_k
+            q_tok += 3 * D if att.merge == "gate" else D
+        elif s == "fov_frames":
+            q_tok += 2 * Dp + D
+            q_chunk += 2 * att.fov_frames * Nf * batch * Dp
+        else:                                         # window: ALM only
+            q_tok += D
+        if math_kernel:
+            q_tok += 3 * H * ((W - 1) * Nf + C * Nf + (att.top_k * Bs if s == "decmem" else 0))
+    q_layer = (Tq * q_tok + q_chunk) * a + (Tq * 2 * D * f32 if layout.cp > 1 and s != "window" else 0)
+    query_stream = depth * chunks * q_layer
+
+    one_block = max(mem_layer, q_layer)
+    if t.activation_checkpointing:
+        # only each block's input is kept (both streams); backward recomputes one block at a time
+        inputs = depth * (Tm + chunks * Tq) * D * a
+        activations = inputs + one_block
+    else:
+        inputs = 0
+        activations = memory_stream + query_stream
+    workspace = one_block                             # gradients of the block being back-propagated
+
+    # ---- memory bank: per layer, K and V of every local bank token. They are views of the fused qkv
+    # projection's output, so that whole [tokens, 3 D] buffer stays alive (q included), plus one pooled
+    # key per block of B tokens.
+    bank_kv = depth * Tm * (3 * D + D / Bs) * a
+
+    # ---- cp collectives: each layer all-gathers the W-1 halo frames' K/V of every rank of the group
+    cp_buffers = depth * layout.cp * 2 * (W - 1) * Nf * batch * D * a if layout.cp > 1 else 0
+
+    out = {
+        "params": params, "grads": grads, "optimizer": optimizer, "ema": ema, "params_gathered": params_gathered,
+        "bank_kv": bank_kv, "activations": activations, "workspace": workspace, "cp_buffers": cp_buffers,
+    }
+    out = {k: int(round(v)) for k, v in out.items()}
+    out["total"] = sum(out.values())
+    out.update(
+        memory_stream=int(memory_stream), query_stream=int(query_stream), block_inputs=int(inputs),
+        world=world, dp=layout.dp, cp=layout.cp, precision=precision, device=device, n_params=n_params,
+        tokens_per_frame=Nf, bank_frames=bank_frames(cfg), local_bank_frames=Lb, target_chunks=chunks,
+        memory_tokens=Tm, query_tokens=chunks * Tq,
+    )
+    return out
+
+
+MODEL_STATE_KEYS = ("params", "grads", "optimizer", "ema", "params_gathered")
+ACTIVATION_KEYS = ("bank_kv", "activations", "workspace", "cp_buffers")
+
+
+#################################################################################
+#                                   The report                                  #
+#################################################################################
+
+def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = None,
+                device_memory: int | None = None) -> dict:
+    """Validate, count parameters, check the data, estimate memory; print a report and return it as a dict.
+
+    frame_hw: latent (h, w) to estimate with instead of opening the data (for data not reachable from here).
+    device_memory: bytes per device to compare the estimate with (default: this machine's GPU, if any).
+    """
+    m, d, t = cfg.model, cfg.data, cfg.train
+    warnings = validate(cfg, world)
+    layout = Layout.make(world, t.cp, 0)
+    device, precision, how = resolve_device_precision(t)
+    n_params = count_parameters(cfg)
+    if frame_hw is None:
+        data = check_data(cfg)
+        if data["shards"] < layout.dp:
+            raise ValueError(f"data.data: {data['shards']} shards cannot feed dp={layout.dp} data-parallel ranks "
+                             f"(world {world} / train.cp {t.cp}); each needs at least one shard: preprocess with a "
+                             "smaller --shard-bytes or use fewer processes")
+        frame_hw = data["frame_hw"]
+    else:
+        data = None
+    mem = estimate_memory(cfg, world, frame_hw)
+    Nf = mem["tokens_per_frame"]
+    samples = layout.dp * t.grad_accum * d.batch_size
+    tokens = samples * d.clip_frames * Nf
+    target_tokens = samples * mem["target_chunks"] * m.chunk_frames * Nf
+    shards = [shard_range(bank_frames(cfg), layout.cp, r) for r in range(layout.cp)] \
+        if bank_frames(cfg) >= layout.cp else []
+    if device_memory is None and device == "cuda" and torch.cuda.is_available():
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    if device_memory and mem["total"] > device_memory:
+        warnings.append(f"the estimate ({format_bytes(mem['total'])} per rank) exceeds the device's "
+                        f"{format_bytes(device_memory)}: raise train.cp, set train.activation_checkpointing=true "
+                        "or lower data.batch_size")
+
+    a = m.attention
+    lines = [
+        f"dry run: {cfg.name} (run_dir {cfg.run_dir}) -- nothing is trained, no process group is started",
+        "layout",
+        f"  world {world} = dp {layout.dp} x cp {layout.cp}   (rank r -> dp_rank r // {layout.cp}, "
+        f"cp_rank r % {layout.cp})",
+        f"  cp groups (share one sample): {_fmt_groups(_cp_groups(layout))}",
+        f"  dp groups (same bank shard):  {_fmt_groups(_dp_groups(layout))}",
+        "device",
+        f"  {device}, {precision}, DeepSpeed ZeRO-{t.zero_stage}, activation checkpointing "
+        f"{'on' if t.activation_checkpointing else 'off'}, EMA {t.ema if t.ema else 'off'}"
+        + (f"   ({how})" if how else ""),
+        "model",
+        f"  size {m.size}: dim {m.dim}, depth {m.depth}, heads {m.n_heads}, patch {m.patch_size}, "
+        f"latent channels {m.latent_channels}, chunk {m.chunk_frames} frames",
+        f"  parameters {n_params:,} ({n_params / 1e6:.1f} M)",
+        f"  attention {a.strategy}: block {a.block_size} tokens, top_k {a.top_k}, window {a.window} frames, "
+        f"merge {a.merge}",
+        "per optimizer step",
+        f"  samples {samples} = dp {layout.dp} x grad_accum {t.grad_accum} x batch_size {d.batch_size}",
+        f"  tokens {tokens:,} = {samples} samples x {d.clip_frames} frames x {Nf} tokens/frame "
+        f"({frame_hw[0]}x{frame_hw[1]} latents / patch {m.patch_size})",
+        f"  target tokens (the loss) {target_tokens:,} = {samples} x {mem['target_chunks']} chunks x "
+        f"{m.chunk_frames} frames x {Nf}",
+        f"  {t.steps:,} steps -> {t.steps * samples:,} samples, {t.steps * tokens / 1e9:.3g} G tokens",
+        "memory bank",
+        f"  up to {bank_frames(cfg)} frames per sample (clip {d.clip_frames} - chunk {m.chunk_frames}; first target "
+        f"chunk at >= {d.min_context})",
+        f"  per cp rank: {mem['local_bank_frames']} frames max"
+        + (f", shards {' '.join(f'[{lo},{hi})' for lo, hi in shards)}" if layout.cp > 1 and shards else "")
+        + f"  = {mem['memory_tokens']:,} memory-stream tokens; query stream {mem['query_tokens']:,} tokens "
+        "(replicated)",
+        f"memory estimate per rank ({precision}, micro-batch {d.batch_size}, worst case: the whole bank read)",
+    ]
+    names = {
+        "params": f"parameters (ZeRO-{t.zero_stage} share)", "grads": "gradients (share)",
+        "optimizer": "optimizer (share)" + (": fp32 master + Adam m, v" if precision == "bf16" else ": Adam m, v"),
+        "ema": "EMA weights (share)", "params_gathered": "gathered block params + grads (ZeRO-3)",
+        "bank_kv": "memory bank K/V (all layers)", "activations": "activations kept for backward",
+        "workspace": "backward workspace (one block)", "cp_buffers": "cp collectives (halo)",
+    }
+    for k in MODEL_STATE_KEYS + ACTIVATION_KEYS:
+        if mem[k] or k in ("params", "activations"):
+            lines.append(f"  {names[k]:<44} {mem[k] / GiB:9.3f} GiB")
+            if k == "activations":
+                detail = (f"block inputs {format_bytes(mem['block_inputs'])} + one recomputed block"
+                          if t.activation_checkpointing else
+                          f"memory stream {format_bytes(mem['memory_stream'])}, query stream "
+                          f"{format_bytes(mem['query_stream'])}")
+                lines.append(f"    ({detail})")
+    lines.append(f"  {'total':<44} {mem['total'] / GiB:9.3f} GiB" +
+                 (f"  (device: {device_memory / GiB:.1f} GiB)" if device_memory else ""))
+    lines.append("data")
+    if data is None:
+        lines.append(f"  not opened; estimated for {frame_hw[0]}x{frame_hw[1]} latent frames")
+    else:
+        lines.append(f"  {data['shards']} shards from {d.data}")
+        lines.append(f"  first shard {data['first_shard']}: sample {data['key']} has {data['sample_frames']} frames of "
+                     f"{data['channels']}x{data['frame_hw'][0]}x{data['frame_hw'][1]} latents -- OK for this model")
+    for wmsg in warnings:
+        lines.append(f"warning: {wmsg}")
+    for line in lines:
+        log(line)
+    return {
+        "layout": {"world": world, "dp": layout.dp, "cp": layout.cp, "cp_groups": _cp_groups(layout),
+                   "dp_groups": _dp_groups(layout)},
+        "device": device, "precision": precision, "params": n_params,
+        "samples_per_step": samples, "tokens_per_step": tokens, "target_tokens_per_step": target_tokens,
+        "tokens_per_frame": Nf, "bank_frames": bank_frames(cfg), "bank_frames_per_rank": mem["local_bank_frames"],
+        "bank_shards": shards, "memory": mem, "data": data, "warnings": warnings, "report": "\n".join(lines),
+    }

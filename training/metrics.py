@@ -1,0 +1,96 @@
+"""Training metrics: reduced across ranks, written by rank 0 to TensorBoard and a console progress bar."""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class LogArgs:
+    """What is logged and how often."""
+
+    every_steps: int = 10            # scalars (reduced across dp ranks) every N optimizer steps
+    heatmap_every: int = 50          # retrieval heatmap image every N steps (0 = off)
+    rollout_every: int = 0           # short rollout next to ground truth every N steps (0 = off)
+    rollout_frames: int = 8          # latent frames generated per rollout (the rest of the clip is the bank)
+    rollout_steps: int = 8           # Euler steps per chunk in those rollouts
+    progress: bool = True            # console progress bar on rank 0
+
+    def __post_init__(self):
+        for key in ("every_steps", "rollout_frames", "rollout_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if self.heatmap_every < 0 or self.rollout_every < 0:
+            raise ValueError("heatmap_every / rollout_every: expected >= 0")
+
+
+class MetricLogger:
+    """Per-step scalars accumulated locally, averaged over every rank at log steps, written by rank 0.
+
+    Every rank must call ``log`` at the same steps with the same keys (it all-reduces).
+    """
+
+    def __init__(self, args: LogArgs, run_dir: str, rank: int, world: int, total_steps: int, start_step: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+        self.writer = self.bar = self.jsonl = None
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")   # the same numbers, machine-readable
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step or None)
+            if args.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                                desc=os.path.basename(run_dir.rstrip("/")) or "train")
+
+    def add(self, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self.sums[k] += float(v)
+        self.count += 1
+
+    def log(self, step: int) -> dict[str, float]:
+        """Mean of each scalar over the steps since the last call and over all ranks; rank 0 writes them."""
+        keys = sorted(self.sums)
+        vec = torch.tensor([self.sums[k] for k in keys] + [float(self.count)], dtype=torch.float64)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec)
+        n = max(vec[-1].item(), 1.0)
+        means = {k: vec[i].item() / n for i, k in enumerate(keys)}
+        self.sums.clear()
+        self.count = 0
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        return means
+
+    def write_line(self, step: int, means: dict[str, float]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
+            self.jsonl.flush()
+
+    def progress(self, step: int, means: dict[str, float] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        if means:
+            self.bar.set_postfix({"loss": f"{means.get('train/loss', float('nan')):.4f}",
+                                  "tok/s": f"{means.get('perf/tokens_per_s', 0):.0f}",
+                                  "lr": f"{means.get('train/lr', 0):.2e}"}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

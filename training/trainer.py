@@ -1,0 +1,473 @@
+"""``decmem train``: DeepSpeed ZeRO-3 over a dp x cp grid, exact resume, TensorBoard."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainArgs:
+    """The training loop and its distribution (DeepSpeed ZeRO-3, dp x cp)."""
+
+    steps: int = 1000                # optimizer steps
+    grad_accum: int = 1              # micro-batches per optimizer step (DeepSpeed's gradient accumulation)
+    cp: int = 1                      # context-parallel group size: ranks that share one sample's memory bank
+    zero_stage: int = 3
+    precision: str = "auto"          # auto = bf16 on GPU, fp32 on CPU
+    device: str = "auto"             # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each DiT block in backward
+    ema: float = 0.0                 # EMA decay of the weights (0 = off), e.g. 0.999
+    stop_at: int = 0                 # save and stop once this step is done (0 = run to steps); the schedule still spans steps
+    threads: int = 0                 # torch intra-op threads per process (0 = torch's default)
+    timeout_s: int = 300             # a collective waiting longer than this fails the job instead of hanging
+
+    def __post_init__(self):
+        for key in ("steps", "grad_accum", "cp", "timeout_s"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if self.stop_at < 0:
+            raise ValueError(f"stop_at: expected >= 0, got {self.stop_at}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema: expected in [0, 1), got {self.ema}")
+
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model.diffusion import DiffusionArgs, rectified_flow_loss
+from model.dit import VideoDiT
+
+log = logging.getLogger("decmem.train")
+
+
+#################################################################################
+#                      The Trained Module and Its Wrapping                      #
+#################################################################################
+
+class TrainModule(nn.Module):
+    """The DiT and its objective in one forward, so DeepSpeed's engine (and ZeRO-3's hooks) drive every call."""
+
+    def __init__(self, model: VideoDiT, diffusion: DiffusionArgs):
+        super().__init__()
+        self.model, self.diffusion = model, diffusion
+
+    def forward(self, latents, K, c2w, chunk_starts, generators, actions=None, ctx=None, return_stats=False):
+        return rectified_flow_loss(self.model, latents, K, c2w, chunk_starts, self.diffusion, actions,
+                                   generators, ctx, return_stats)
+
+
+def apply_activation_checkpointing(model: VideoDiT) -> None:
+    """Recompute each DiT block (memory and query stream) in backward instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        for name in ("forward", "encode_memory"):
+            setattr(block, name, functools.partial(checkpoint, getattr(block, name), use_reentrant=False))
+
+
+def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Generator]:
+    """One noise generator per sample from (seed, step, sample key): the same noise in any dp x cp layout or batching."""
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}/{step}/{k}".encode())) for k in keys]
+
+
+def deepspeed_config(cfg, world: int, precision: str) -> dict:
+    t = cfg.train
+    zero = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        # DeepSpeed's data-parallel group is the whole world: with cp each rank's loss is the full loss and the
+        # cp ranks' gradients sum to cp x the true one, so the world average is the dp average (DESIGN §4)
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,         # torch AdamW: nothing to JIT-compile
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+#################################################################################
+#                                   EMA Shards                                  #
+#################################################################################
+
+def _local(p):
+    """The part of a parameter this rank holds: its ZeRO-3 partition, else the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class ShardedEMA:
+    """EMA of the weights, kept per rank on the rank's own ZeRO-3 partition (fp32), gathered only to export."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = dict(model.named_parameters())
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(_local(p).detach().float(), 1 - self.decay)
+
+    def full(self, name: str) -> torch.Tensor:
+        """Collective: the whole EMA tensor of one parameter."""
+        p, s = self.params[name], self.shadow[name]
+        if not hasattr(p, "ds_tensor"):
+            return s
+        parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, s.contiguous())
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+
+
+def gather_state_dict(module: nn.Module, rank: int, ema: ShardedEMA | None = None, prefix: str = "model.") -> dict:
+    """Collective: full fp32 weights of ``module`` (raw or EMA) on rank 0, one parameter at a time."""
+    import deepspeed
+
+    out = {}
+    for name, p in module.named_parameters():
+        if ema is not None:
+            full = ema.full(name)
+        else:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.detach().float().clone() if rank == 0 else None
+        if rank == 0:
+            out[name[len(prefix):] if name.startswith(prefix) else name] = full.float().cpu()
+    return out
+
+
+#################################################################################
+#                                    Trainer                                    #
+#################################################################################
+
+class Trainer:
+    """One rank's training loop: built once, ``fit()`` runs to train.steps (or to a stop signal)."""
+
+    def __init__(self, cfg, rank: int, world: int, device: str):
+        import deepspeed
+
+        from data_pipeline.loader import ShardLoader
+        from training.checkpoint import TrainState
+        from training.context_parallel import CPMemory, Layout, build_groups
+        from training.optim import build_optimizer, build_scheduler
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        t = cfg.train
+        self.precision = ("bf16" if device == "cuda" else "fp32") if t.precision == "auto" else t.precision
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.layout = Layout.make(world, t.cp, rank)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(cfg.seed)                     # identical initial weights on every rank
+        model = VideoDiT(cfg.model)
+        if cfg.checkpoint.init_weights:
+            self._init_from(model, cfg.checkpoint.init_weights)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        module = TrainModule(model, cfg.diffusion)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=build_optimizer(module, cfg.optim),
+            lr_scheduler=build_scheduler(cfg.optim, t.steps), config=deepspeed_config(cfg, world, self.precision),
+            dist_init_required=False)
+        cp_group, _ = build_groups(self.layout)
+        self.ctx = CPMemory(cp_group, self.layout.cp_rank, self.layout.cp) if self.layout.cp > 1 else None
+        self.loader = ShardLoader(cfg.data, cfg.model.chunk_frames, self.layout.dp_rank, self.layout.dp)
+        self.ema = ShardedEMA(self.engine.module, t.ema) if t.ema > 0 else None
+        self.state = TrainState(layout={"world": world, "dp": self.layout.dp, "cp": self.layout.cp})
+        self.samples_per_step = self.layout.dp * t.grad_accum * cfg.data.batch_size
+        self.stop_signal = 0
+        self._val_clip = None
+        self.frame_hw = None                                # latent frame size, known after the first batch
+
+    # ----------------------------------------------------------------------------
+    # Set-up helpers
+    # ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _init_from(model: VideoDiT, weights_dir: str) -> None:
+        from training.weights import load_weights
+
+        src, wcfg = load_weights(weights_dir)
+        if wcfg.model != model.args:
+            raise ValueError(f"checkpoint.init_weights={weights_dir}: its model config differs from model.* of this run")
+        model.load_state_dict(src.state_dict())
+
+    def restore(self) -> str | None:
+        """Resume per checkpoint.resume; returns the folder resumed from (None: fresh start)."""
+        from training.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+
+        path = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
+        if path is None:
+            return None
+        self.state = load_checkpoint(self.engine, path, self.rank, self.state.layout)
+        self.loader.load_state_dict(self.state.loader)
+        set_rng_state(self.state.rng)
+        if self.ema is not None:
+            if not self.state.ema:
+                raise ValueError(f"{path} has no EMA state but train.ema={self.cfg.train.ema}; resume with train.ema=0")
+            for n, s in self.state.ema.items():
+                self.ema.shadow[n].copy_(s)
+        return path
+
+    def install_signal_handlers(self) -> None:
+        """SIGUSR2 (SLURM's warning before a time limit / preemption) and SIGTERM: save at the next step, stop."""
+        def handler(signum, frame):
+            self.stop_signal = signum
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    # ----------------------------------------------------------------------------
+    # One optimizer step
+    # ----------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["latents"] = batch["latents"].to(self.device, self.dtype)
+        for k in ("K", "c2w"):
+            out[k] = batch[k].to(self.device, torch.float32)
+        if "actions" in batch:
+            out["actions"] = batch["actions"].to(self.device, self.dtype)
+        return out
+
+    def train_step(self, micro_batches: list[dict], with_stats: bool = False) -> tuple[dict, dict]:
+        """Forward/backward every micro-batch through the engine, then its optimizer step -> (scalars, last stats)."""
+        if len(micro_batches) != self.cfg.train.grad_accum:
+            raise ValueError(f"{len(micro_batches)} micro-batches for train.grad_accum={self.cfg.train.grad_accum}")
+        if self.ctx is not None:
+            self.ctx.reset_bytes()
+        losses, stats = [], {}
+        for i, mb in enumerate(micro_batches):
+            mb = self._to_device(mb)
+            gens = sample_generators(self.cfg.seed, self.state.step, mb["keys"])
+            loss, stats = self.engine(mb["latents"], mb["K"], mb["c2w"], mb["chunk_starts"], gens, mb.get("actions"),
+                                      self.ctx, with_stats and i == len(micro_batches) - 1)
+            self.engine.backward(loss)
+            self.engine.step()                           # DeepSpeed steps the optimizer at the accumulation boundary
+            losses.append(loss.detach().float().item())
+        if self.ema is not None:
+            self.ema.update()
+        self.state.step += 1
+        h, w = micro_batches[0]["latents"].shape[-2:]
+        self.frame_hw = (h, w)
+        scalars = {"train/loss": sum(losses) / len(losses), "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                   "memory/bank_tokens": float(stats.get("bank_tokens", 0))}
+        for key in ("gate_sgm", "gate_alm", "entropy"):
+            if key in stats:
+                scalars[f"attention/{key}"] = float(stats[key])
+        if self.ctx is not None:
+            scalars["cp/bytes_per_step"] = float(sum(self.ctx.bytes_moved().values()))
+        return scalars, stats
+
+    # ----------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------
+
+    def fit(self) -> str:
+        """Train to train.steps; returns "done" or "stopped" (a signal arrived: the step was saved first)."""
+        from training.checkpoint import rng_state, save_checkpoint
+        from training.metrics import MetricLogger
+
+        cfg, t = self.cfg, self.cfg.train
+        logger = MetricLogger(cfg.log, cfg.run_dir, self.rank, self.world, t.steps, self.state.step)
+        last_save, outcome = time.monotonic(), "done"
+        start_seconds = self.state.train_seconds
+        t_start = time.monotonic()
+
+        def save():
+            self.state.loader = self.loader.state_dict()
+            self.state.rng = rng_state()
+            self.state.train_seconds = start_seconds + time.monotonic() - t_start
+            if self.ema is not None:
+                self.state.ema = {n: s.clone() for n, s in self.ema.shadow.items()}
+            export = self.export_weights if cfg.checkpoint.export_weights else None
+            save_checkpoint(self.engine, cfg.run_dir, self.state, self.rank, cfg.checkpoint.keep,
+                            {"name": cfg.name, "precision": self.precision}, export)
+
+        try:
+            while self.state.step < t.steps:
+                step = self.state.step + 1                   # the step being taken (1-based, as logged)
+                t0 = time.perf_counter()
+                micro = [self.loader.next_batch() for _ in range(t.grad_accum)]
+                t_data = time.perf_counter() - t0
+                want_map = bool(cfg.log.heatmap_every) and step % cfg.log.heatmap_every == 0
+                scalars, stats = self.train_step(micro, with_stats=want_map or step % cfg.log.every_steps == 0)
+                t_step = time.perf_counter() - t0
+                tokens = self.samples_per_step * cfg.data.clip_frames * self._tokens_per_frame(micro[0])
+                self.state.samples += self.samples_per_step
+                self.state.tokens += tokens
+                scalars.update({"perf/step_seconds": t_step, "perf/data_seconds": t_data})
+                logger.add(scalars)
+                if step % cfg.log.every_steps == 0 or step == t.steps:
+                    means = logger.log(step)
+                    means["perf/tokens_per_s"] = tokens / max(means["perf/step_seconds"], 1e-9)
+                    if logger.writer is not None:
+                        logger.writer.add_scalar("perf/tokens_per_s", means["perf/tokens_per_s"], step)
+                        logger.writer.add_scalar("data/samples_seen", self.state.samples, step)
+                    logger.write_line(step, means)
+                    logger.progress(step, means)
+                else:
+                    logger.progress(step)
+                if want_map and logger.writer is not None and "layers" in stats:
+                    self._write_heatmap(logger.writer, stats, micro[-1], step)
+                if cfg.log.rollout_every and step % cfg.log.rollout_every == 0:
+                    self._write_rollout(logger.writer, step)
+                # one agreement per step: a signal on any rank, or the wall-clock save period on rank 0
+                flags = torch.tensor([float(self.stop_signal != 0),
+                                      float(self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
+                                            time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)])
+                if self.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop, due = bool(flags[0]) or step == t.stop_at, bool(flags[1])
+                periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                if stop or due or periodic or step == t.steps:
+                    save()
+                    last_save = time.monotonic()
+                if stop:
+                    outcome = "stopped"
+                    if self.rank == 0:
+                        why = f"signal {self.stop_signal}" if self.stop_signal else f"train.stop_at={t.stop_at}"
+                        log.warning("%s: saved step %d, stopping", why, step)
+                    break
+        finally:
+            logger.close()
+            self.loader.close()
+        return outcome
+
+    def _tokens_per_frame(self, batch: dict) -> int:
+        h, w = batch["latents"].shape[-2:]
+        return (h // self.cfg.model.patch_size) * (w // self.cfg.model.patch_size)
+
+    # ----------------------------------------------------------------------------
+    # Exports and pictures (rank 0 writes; gathering weights is collective)
+    # ----------------------------------------------------------------------------
+
+    def export_weights(self, ckpt_dir: str) -> None:
+        """Collective: step-N/weights/ (and weights-ema/) in the `decmem generate` format."""
+        from training.weights import save_weights
+
+        for sub, ema in (("weights", None), ("weights-ema", self.ema)):
+            if sub == "weights-ema" and ema is None:
+                continue
+            sd = gather_state_dict(self.engine.module, self.rank, ema)
+            if self.rank == 0:
+                save_weights(self.engine.module.model, os.path.join(ckpt_dir, sub), self.cfg.diffusion,
+                             codec=self._codec(), frame_hw=self._frame_pixels(), state_dict=sd)
+
+    def _codec(self) -> str:
+        from data_pipeline import storage
+        from data_pipeline.loader import resolve_shards
+
+        try:
+            first = resolve_shards(self.cfg.data.data)[0]
+            manifest = storage.join(first.rsplit("/", 1)[0], "manifest.json")
+            return json.loads(storage.read_bytes(manifest)).get("config", {}).get("codec", "pixels")
+        except Exception:  # a shard pattern without a manifest: the loader decoded mp4 frames, i.e. pixels
+            return "pixels"
+
+    def _frame_pixels(self) -> list[int]:
+        return list(self.frame_hw) if self.frame_hw and self._codec() == "pixels" else [0, 0]
+
+    def _write_heatmap(self, writer, stats: dict, batch: dict, step: int) -> None:
+        from training.visuals import add_heatmap, retrieval_heatmap
+
+        layers = [s for s in stats["layers"] if "selected" in s]
+        if not layers:
+            return
+        bank = max(batch["chunk_starts"])
+        n_b = self._tokens_per_frame(batch) // self.cfg.model.attention.block_size
+        mat = retrieval_heatmap(layers, self.cfg.model.chunk_frames, n_b, bank)
+        add_heatmap(writer, "retrieval/heatmap_query_frame_x_bank_frame", mat, step)
+
+    def _write_rollout(self, writer, step: int) -> None:
+        """Collective gather of the weights; rank 0 rolls a held-out clip out and logs it next to ground truth."""
+        from model.rollout import rollout
+        from training.visuals import add_gif, side_by_side_gif, to_rgb_frames
+
+        sd = gather_state_dict(self.engine.module, self.rank, self.ema)
+        if self.rank != 0:
+            return
+        model = VideoDiT(self.cfg.model)
+        model.load_state_dict(sd)
+        model.eval()
+        clip = self._validation_clip()
+        n_new = self.cfg.log.rollout_frames
+        lat = clip["latents"].float()
+        N = lat.shape[1] - n_new
+        args = DiffusionArgs(**{**vars(self.cfg.diffusion), "sample_steps": self.cfg.log.rollout_steps})
+        res = rollout(model, args, lat[:, :N], clip["K"], clip["c2w"], n_new, clip.get("actions"),
+                      torch.Generator().manual_seed(self.cfg.seed))
+        gen, gt = res.latents[0, N:], lat[0, N:]
+        mse = (gen - gt).pow(2).mean().item()
+        writer.add_scalar("rollout/mse_vs_ground_truth", mse, step)
+        add_gif(writer, "rollout/ground_truth_vs_generated", side_by_side_gif(to_rgb_frames(gt), to_rgb_frames(gen)), step)
+        writer.flush()
+
+    def _validation_clip(self) -> dict:
+        """The first sample of the dataset under a fixed seed: the same clip at every rollout, on resume too."""
+        if self._val_clip is None:
+            from dataclasses import replace
+
+            from data_pipeline.loader import ShardLoader
+
+            args = replace(self.cfg.data, batch_size=1, prefetch=0, seed=self.cfg.data.seed + 1)
+            loader = ShardLoader(args, self.cfg.model.chunk_frames, 0, 1)
+            self._val_clip = loader.next_batch()
+            loader.close()
+        return self._val_clip
+
+
+#################################################################################
+#                                  Entry Point                                  #
+#################################################################################
+
+def train(cfg) -> str:
+    """Run (or resume) one training job in this process, as one rank of the launcher's world."""
+    import yaml
+
+    from training.config import dump_config, to_dict
+    from training.distributed import init_distributed, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    rank, _, world = init_distributed(device, cfg.train.timeout_s)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
+    try:
+        from training.dry_run import validate
+
+        validate(cfg, world)
+        trainer = Trainer(cfg, rank, world, device)
+        resumed = trainer.restore()
+        if rank == 0:
+            path = os.path.join(cfg.run_dir, "config.yaml")
+            if os.path.exists(path):              # a resume with a changed config keeps the old one beside it
+                with open(path) as f:
+                    if yaml.safe_load(f) != to_dict(cfg):
+                        os.replace(path, os.path.join(cfg.run_dir, f"config.before-step-{trainer.state.step}.yaml"))
+            dump_config(cfg, path)
+            lay = trainer.layout
+            log.info("world %d = dp %d x cp %d, %s on %s, %s", world, lay.dp, lay.cp, trainer.precision, device,
+                     f"resumed from {resumed} at step {trainer.state.step}" if resumed else "fresh start")
+        trainer.install_signal_handlers()
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
