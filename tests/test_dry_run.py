@@ -1,6 +1,7 @@
-"""``decmem train --dry-run``: layout, parameters, tokens per step, data check, and a memory estimate held to measurements."""
+"""``decmem train --dry-run``: layout, parameters, tokens per step, data check, memory estimate vs. measurement."""
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -38,7 +39,8 @@ def dataset_for(config: str, cfg) -> str:
 
 def write_latent_dataset(root: str, samples: int, frames: int, channels: int, hw: tuple[int, int], spatial: int = 8):
     """A dataset in the shard format (latents.npy, K.npy, c2w.npy, meta.json), one sample per shard."""
-    manifest = Manifest.load_or_new(root, {"format_name": "test-latents", "resolution": [hw[0] * spatial, hw[1] * spatial]})
+    manifest = Manifest.load_or_new(root, {"format_name": "test-latents",
+                                           "resolution": [hw[0] * spatial, hw[1] * spatial]})
     sink = ShardSink(root, manifest, shard_bytes=1)          # publish after every sample: one shard each
     rng = np.random.default_rng(0)
     H, W = hw[0] * spatial, hw[1] * spatial                  # image size the cameras refer to
@@ -113,7 +115,8 @@ def test_dry_run_reports_layout_tokens_and_data(config, world, datasets, no_proc
     report = "\n".join(lines)
     assert report == r["report"]
     assert f"world {world} = dp {dp} x cp {cp}" in report and f"{r['params']:,}" in report
-    assert f"tokens {r['tokens_per_step']:,} = {samples} samples x {d.clip_frames} frames x {tokens_per_frame}" in report
+    assert (f"tokens {r['tokens_per_step']:,} = {samples} samples x {d.clip_frames} frames x {tokens_per_frame}"
+            in report)
     assert "total" in report and "GiB" in report
     mem = r["memory"]
     assert mem["total"] == sum(mem[k] for k in ("params", "grads", "optimizer", "ema", "params_gathered", "bank_kv",
@@ -220,10 +223,15 @@ def test_dense_attention_costs_more_than_decmem_on_a_long_bank():
     assert dec_longer["query_stream"] == dec["query_stream"]             # decmem's read does not
 
 
-def _measure(cfg, hw, chunk_starts):
+def _measure(cfg, hw, chunk_starts, checkpoint_blocks=False):
     """Bytes autograd saves for backward (unique storages, parameters excluded) and bytes the bank holds."""
     torch.manual_seed(0)
     model = VideoDiT(cfg.model)
+    if checkpoint_blocks:   # as the trainer does: recompute each block (both streams) in backward
+        from torch.utils.checkpoint import checkpoint
+        for block in model.blocks:
+            for name in ("forward", "encode_memory"):
+                setattr(block, name, functools.partial(checkpoint, getattr(block, name), use_reentrant=False))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     B, T = cfg.data.batch_size, cfg.data.clip_frames
     lat = torch.randn(B, T, cfg.model.latent_channels, *hw)
@@ -257,8 +265,8 @@ def _measure(cfg, hw, chunk_starts):
 
 @pytest.mark.parametrize("config,over,hw", [
     ("debug.yaml", (), (16, 16)),
-    ("demo.yaml", (), (32, 32)),
-    ("demo.yaml", ("model.attention.strategy=dense",), (32, 32)),
+    ("demo.yaml", (), (16, 16)),                 # demo model, 16x16 frames (8x8 tokens, 4 blocks) to stay quick
+    ("demo.yaml", ("model.attention.strategy=dense",), (16, 16)),
 ], ids=["debug", "demo", "demo-dense"])
 def test_activation_estimate_matches_what_autograd_saves(config, over, hw):
     """One forward + backward with a 16-frame bank and two target chunks, in process, on CPU."""
@@ -273,6 +281,18 @@ def test_activation_estimate_matches_what_autograd_saves(config, over, hw):
     assert 0.8 < ratio < 1.25, (format_bytes(est["activations"]), format_bytes(saved))
     assert est["bank_kv"] == pytest.approx(bank, rel=0.05)
     assert 0.5 < (est["activations"] + est["bank_kv"]) / (saved + bank) < 2
+
+
+def test_checkpointed_estimate_matches_what_autograd_keeps():
+    """With activation checkpointing only block inputs (and the final layer's) outlive the forward."""
+    cfg = cfg_for("demo.yaml", "data.clip_frames=18", "data.min_context=14", "data.target_chunks=2",
+                  "train.activation_checkpointing=true")
+    saved, bank = _measure(cfg, (16, 16), [14, 16], checkpoint_blocks=True)
+    est = estimate_memory(cfg, 1, (16, 16))
+    assert 0.8 < (est["block_inputs"] + est["head"]) / saved < 1.25
+    assert est["bank_kv"] == pytest.approx(bank, rel=0.05)
+    full = estimate_memory(cfg_for("demo.yaml", "data.clip_frames=18", "data.min_context=14"), 1, (16, 16))
+    assert est["activations"] < full["activations"] / 2
 
 
 # ------------------------------------------------------------------------------------

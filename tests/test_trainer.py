@@ -42,10 +42,10 @@ def metrics(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def weights(ckpt_dir):
+def weights(ckpt_dir, sub="weights"):
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(ckpt_dir, "weights", "model.safetensors"))
+    return load_file(os.path.join(ckpt_dir, sub, "model.safetensors"))
 
 
 #################################################################################
@@ -54,7 +54,7 @@ def weights(ckpt_dir):
 
 STEPS = 24
 RUN = ["log.every_steps=1", f"train.steps={STEPS}", "checkpoint.every_steps=8", "checkpoint.keep=2",
-       "log.heatmap_every=8", "log.rollout_every=12"]
+       "log.heatmap_every=8", "log.rollout_every=12", "train.ema=0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,25 @@ def test_two_process_run_learns_checkpoints_and_logs(straight):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "final_layer.linear" in n)  # trained
     with open(os.path.join(straight, "config.yaml")) as f:
         assert f"steps: {STEPS}" in f.read()
+    # EMA (decay 0.9) lags the raw weights: different, but close after 24 steps
+    raw, ema = weights(os.path.join(ck, "step-24")), weights(os.path.join(ck, "step-24"), "weights-ema")
+    k = "final_layer.linear.weight"
+    assert not torch.equal(raw[k], ema[k])
+    assert (raw[k] - ema[k]).norm() < 0.5 * raw[k].norm()
+
+
+def test_activation_checkpointing_under_zero3_is_refused(tmp_path):
+    r = subprocess.run([*DECMEM, "train", CONFIG, "train.activation_checkpointing=true", "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "train.zero_stage=2" in r.stderr, r.stderr[-2000:]
+
+
+def test_config_typo_fails_before_any_process_starts(tmp_path):
+    r = subprocess.run([*DECMEM, "train", CONFIG, "train.stpes=3", f"run_dir={tmp_path}/x", "--nproc", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "train.stpes" in r.stderr and "train.steps" in r.stderr          # names the key, suggests the right one
+    assert "torchrun" not in r.stderr.lower() and not os.path.exists(tmp_path / "x")
 
 
 def test_tensorboard_tags(straight):
@@ -118,11 +137,12 @@ def test_exact_resume(straight, tmp_path, data):
     for s in range(half + 1, STEPS + 1):
         assert b[s]["train/loss"] == a[s]["train/loss"], f"step {s}: {b[s]['train/loss']} != {a[s]['train/loss']}"
         assert b[s]["train/grad_norm"] == a[s]["train/grad_norm"]
-    wa = weights(os.path.join(straight, "checkpoints", f"step-{STEPS}"))
-    wb = weights(os.path.join(run_dir, "checkpoints", f"step-{STEPS}"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    for sub in ("weights", "weights-ema"):                        # the EMA shards resume exactly too
+        wa = weights(os.path.join(straight, "checkpoints", f"step-{STEPS}"), sub)
+        wb = weights(os.path.join(run_dir, "checkpoints", f"step-{STEPS}"), sub)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{sub}: {k}"
 
 
 def test_resume_refuses_a_changed_layout(straight, tmp_path, data):
@@ -203,3 +223,7 @@ def test_gradient_accumulation(tmp_path, data):
                     [[[batch_of(s[:2], starts), batch_of(s[2:], starts)]]])
     assert acc["losses"][0] == pytest.approx(big["losses"][0], rel=1e-5)
     assert_close_weights(acc, big, "2 x batch 2 vs 1 x batch 4")
+    # ZeRO-2 with activation checkpointing (the combination it needs) takes the same step as ZeRO-3 without
+    ckpt = run_world(tmp_path, "ckpt", 1, base + ["data.batch_size=4", "train.activation_checkpointing=true",
+                                                  "train.zero_stage=2"], [[[batch_of(s, starts)]]])
+    assert_close_weights(ckpt, big, "ZeRO-2 + activation checkpointing vs ZeRO-3", tol=1e-6)

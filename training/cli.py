@@ -135,7 +135,14 @@ def cmd_train(args) -> int:
     if args.dry_run:
         from training.dry_run import run_dry_run
 
-        run_dry_run(cfg, world, log=lambda s: print(s, flush=True))
+        if not args.nproc and world == 1 and cfg.train.cp > 1:
+            world = cfg.train.cp                                     # the smallest world this layout runs on
+            print(f"(no --nproc given: showing world = train.cp = {world})")
+        try:
+            run_dry_run(cfg, world, log=lambda s: print(s, flush=True))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"decmem: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.nproc and args.nproc > 1 and not inside:
         from training.dry_run import check_data, validate
@@ -322,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:            # key=value overrides may follow options (`train CONFIG --nproc 2 train.cp=2`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tarfile
 
 import torch
 
+from data_pipeline import storage
 from training.context_parallel import Layout, shard_range
 
 GiB = float(1 << 30)
@@ -40,6 +40,14 @@ def format_bytes(n: float) -> str:
         if abs(n) < 1024 or unit == "PiB":
             return f"{n:.3g} {unit}" if abs(n) < 100 else f"{n:.0f} {unit}"
     raise AssertionError("unreachable")
+
+
+def _fmt_count(n: float) -> str:
+    """1234 -> '1.23 k', 4.9e10 -> '49.4 G'."""
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n:.0f}"
 
 
 def resolve_device_precision(train) -> tuple[str, str, str]:
@@ -113,9 +121,6 @@ def validate(cfg, world: int) -> list[str]:
     if lg.rollout_every and lg.rollout_frames >= d.clip_frames:
         raise ValueError(f"log.rollout_frames={lg.rollout_frames}: expected < data.clip_frames={d.clip_frames} "
                          "(the rest of the clip initialises the rollout's memory bank)")
-    if m.attention.strategy == "fov_frames" and not m.camera:
-        raise ValueError("model.attention.strategy=fov_frames retrieves frames by camera field of view: "
-                         "expected model.camera=true")
     warnings = []
     starts = d.clip_frames - C - d.min_context + 1
     if d.target_chunks > starts:
@@ -268,8 +273,8 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     states), params_gathered (ZeRO-3's unpartitioned working copy of the largest
     block and the prefetched next one, with the full gradient of one), bank_kv
     (memory bank of every layer), activations (what autograd keeps for backward:
-    memory_stream + query_stream, or block inputs + one recomputed block with
-    activation checkpointing), workspace (one block's transient backward buffers),
+    memory_stream + query_stream + head (the final layer), or block inputs + head +
+    one recomputed block with activation checkpointing), workspace (one block's transient backward buffers),
     cp_buffers (halo and partial-output collectives, cp > 1), total. Also the
     inputs: layout, precision, tokens_per_frame, bank frames, token counts.
 
@@ -363,14 +368,17 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     q_layer = (Tq * q_tok + q_chunk) * a + (Tq * 2 * D * f32 if layout.cp > 1 and s != "window" else 0)
     query_stream = depth * chunks * q_layer
 
+    # outside the blocks: the final layer keeps its LayerNorm input, modulate() output and Linear input per
+    # query token (the embeddings keep nothing token-sized: their adds save nothing, convs keep their input)
+    head = chunks * Tq * 3 * D * a
     one_block = max(mem_layer, q_layer)
     if t.activation_checkpointing:
         # only each block's input is kept (both streams); backward recomputes one block at a time
         inputs = depth * (Tm + chunks * Tq) * D * a
-        activations = inputs + one_block
+        activations = inputs + head + one_block
     else:
         inputs = 0
-        activations = memory_stream + query_stream
+        activations = memory_stream + query_stream + head
     workspace = one_block                             # gradients of the block being back-propagated
 
     # ---- memory bank: per layer, K and V of every local bank token. They are views of the fused qkv
@@ -388,7 +396,7 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     out = {k: int(round(v)) for k, v in out.items()}
     out["total"] = sum(out.values())
     out.update(
-        memory_stream=int(memory_stream), query_stream=int(query_stream), block_inputs=int(inputs),
+        memory_stream=int(memory_stream), query_stream=int(query_stream), block_inputs=int(inputs), head=int(head),
         world=world, dp=layout.dp, cp=layout.cp, precision=precision, device=device, n_params=n_params,
         tokens_per_frame=Nf, bank_frames=bank_frames(cfg), local_bank_frames=Lb, target_chunks=chunks,
         memory_tokens=Tm, query_tokens=chunks * Tq,
@@ -416,6 +424,13 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
     layout = Layout.make(world, t.cp, 0)
     device, precision, how = resolve_device_precision(t)
     n_params = count_parameters(cfg)
+    unreachable = None
+    if frame_hw is None and storage.is_remote(d.data):
+        try:
+            storage.exists(d.data.rstrip("/") + "/manifest.json")
+        except Exception as e:  # no credentials or no route from here (a login node, a laptop): say so, go on
+            unreachable = f"{type(e).__name__}: {e}"
+            frame_hw = (32, 32)
     if frame_hw is None:
         data = check_data(cfg)
         if data["shards"] < layout.dp:
@@ -463,7 +478,7 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         f"({frame_hw[0]}x{frame_hw[1]} latents / patch {m.patch_size})",
         f"  target tokens (the loss) {target_tokens:,} = {samples} x {mem['target_chunks']} chunks x "
         f"{m.chunk_frames} frames x {Nf}",
-        f"  {t.steps:,} steps -> {t.steps * samples:,} samples, {t.steps * tokens / 1e9:.3g} G tokens",
+        f"  {t.steps:,} steps -> {t.steps * samples:,} samples, {_fmt_count(t.steps * tokens)} tokens",
         "memory bank",
         f"  up to {bank_frames(cfg)} frames per sample (clip {d.clip_frames} - chunk {m.chunk_frames}; first target "
         f"chunk at >= {d.min_context})",
@@ -482,17 +497,25 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
     }
     for k in MODEL_STATE_KEYS + ACTIVATION_KEYS:
         if mem[k] or k in ("params", "activations"):
-            lines.append(f"  {names[k]:<44} {mem[k] / GiB:9.3f} GiB")
+            small = f"  ({format_bytes(mem[k])})" if mem[k] < 0.1 * GiB else ""
+            lines.append(f"  {names[k]:<44} {mem[k] / GiB:9.3f} GiB{small}")
             if k == "activations":
-                detail = (f"block inputs {format_bytes(mem['block_inputs'])} + one recomputed block"
+                detail = (f"block inputs {format_bytes(mem['block_inputs'])} + one recomputed block "
+                          f"{format_bytes(mem['activations'] - mem['block_inputs'] - mem['head'])}"
                           if t.activation_checkpointing else
                           f"memory stream {format_bytes(mem['memory_stream'])}, query stream "
                           f"{format_bytes(mem['query_stream'])}")
                 lines.append(f"    ({detail})")
-    lines.append(f"  {'total':<44} {mem['total'] / GiB:9.3f} GiB" +
+    small = f"  ({format_bytes(mem['total'])})" if mem["total"] < 0.1 * GiB else ""
+    lines.append(f"  {'total':<44} {mem['total'] / GiB:9.3f} GiB{small}" +
                  (f"  (device: {device_memory / GiB:.1f} GiB)" if device_memory else ""))
     lines.append("data")
-    if data is None:
+    if unreachable:
+        lines.append(f"  NOT CHECKED: {d.data} cannot be reached from this machine ({unreachable})")
+        lines.append(f"  the estimate above assumes {frame_hw[0]}x{frame_hw[1]} latent frames; run the dry run where "
+                     "the data is readable to check it")
+        warnings = [*warnings, f"data.data={d.data!r} was not checked (unreachable from here)"]
+    elif data is None:
         lines.append(f"  not opened; estimated for {frame_hw[0]}x{frame_hw[1]} latent frames")
     else:
         lines.append(f"  {data['shards']} shards from {d.data}")

@@ -34,6 +34,10 @@ class TrainArgs:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        if self.activation_checkpointing and self.zero_stage == 3:
+            raise ValueError("activation_checkpointing: needs zero_stage <= 2 (under ZeRO-3 the recompute would run "
+                             "on released parameters); set train.zero_stage=2, which keeps the weights whole on every "
+                             "rank and still partitions gradients and optimizer states")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected in [0, 1), got {self.ema}")
 
@@ -73,7 +77,13 @@ class TrainModule(nn.Module):
 
 
 def apply_activation_checkpointing(model: VideoDiT) -> None:
-    """Recompute each DiT block (memory and query stream) in backward instead of keeping its activations."""
+    """Recompute each DiT block (memory and query stream) in backward instead of keeping its activations.
+
+    Needs train.zero_stage <= 2: under ZeRO-3 the recompute runs inside backward, and its forward hooks
+    release the parameters the surrounding backward has just gathered (DeepSpeed 0.19, torch's and
+    DeepSpeed's non-reentrant checkpoints alike); reentrant checkpointing fires the gradient hooks once per
+    use of a block, and blocks are used once per stream and chunk. ZeRO-2 keeps the weights whole.
+    """
     from torch.utils.checkpoint import checkpoint
 
     for block in model.blocks:
@@ -275,6 +285,9 @@ class Trainer:
                 scalars[f"attention/{key}"] = float(stats[key])
         if self.ctx is not None:
             scalars["cp/bytes_per_step"] = float(sum(self.ctx.bytes_moved().values()))
+        ls = self.loader.stats                           # cumulative counts of what the loader skipped
+        for key in ("bad_samples", "short_samples", "corrupt_shards"):
+            scalars[f"data/{key}"] = float(ls.get(key, 0))
         return scalars, stats
 
     # ----------------------------------------------------------------------------
