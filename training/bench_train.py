@@ -133,6 +133,10 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
     torch.manual_seed(cfg.seed)
     args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
     model = VideoDiT(args).train()
+    if cfg.train.activation_checkpointing:        # the trainer's own wrapping (what train.activation_checkpointing does)
+        from training.trainer import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     opt = build_optimizer(model, cfg.optim)
     h, w = bg.latent_h, bg.latent_w
     C, L, batch = args.chunk_frames, bank_frames, opts["batch"]
@@ -144,7 +148,8 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
     K, c2w = K.expand(batch, -1, -1, -1).contiguous(), c2w.expand(batch, -1, -1, -1).contiguous()
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"strategy": strategy, "bank_frames": L, "chunk_frames": C, "tokens_per_frame": Nf, "batch": batch,
-           "bank_tokens": L * Nf, "clip_tokens": (L + C) * Nf * batch}
+           "bank_tokens": L * Nf, "clip_tokens": (L + C) * Nf * batch,
+           "activation_checkpointing": bool(cfg.train.activation_checkpointing)}
 
     def step():
         opt.zero_grad(set_to_none=True)
