@@ -227,3 +227,15 @@ def test_gradient_accumulation(tmp_path, data):
     ckpt = run_world(tmp_path, "ckpt", 1, base + ["data.batch_size=4", "train.activation_checkpointing=true",
                                                   "train.zero_stage=2"], [[[batch_of(s, starts)]]])
     assert_close_weights(ckpt, big, "ZeRO-2 + activation checkpointing vs ZeRO-3", tol=1e-6)
+
+
+def test_deepspeed_launcher(tmp_path, data):
+    """`deepspeed --num_gpus 2 --module training.cli train ...` (it passes --local_rank before the subcommand)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    run_dir = str(tmp_path / "ds")
+    r = subprocess.run([launcher, "--num_gpus", "2", "--module", "training.cli", "train", CONFIG, f"run_dir={run_dir}",
+                        f"data.data={data}", "train.steps=2", "log.progress=false"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = json.load(open(os.path.join(run_dir, "checkpoints", "step-2", "trainstate.json")))
+    assert info["layout"] == {"world": 2, "dp": 2, "cp": 1}

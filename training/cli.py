@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DecMem: camera-controlled video world models with sparse global + anchored local memory.",
         epilog="Each subcommand is one stage; `decmem SUBCOMMAND --help` for its options.",
     )
+    # the deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is in the environment too)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks: time components side by side, write JSON + a table",
