@@ -163,6 +163,41 @@ def cmd_train(args) -> int:
     return 0 if outcome == "done" else 3                             # 3: stopped (signal or stop_at) after saving
 
 
+def cmd_submit(args) -> int:
+    from slurm.submit import SubmitArgs, submit
+    from training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, args.config, args.overrides)      # a typo fails here, before anything is submitted
+    try:
+        sargs = SubmitArgs(cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                           partition=args.partition or "", time_min=args.time, account=args.account or "",
+                           qos=args.qos or "", constraint=args.constraint or "", mem=args.mem or "",
+                           signal_delay_s=args.signal_delay, name=args.name or "")
+        job = submit(cfg, sargs, dry_run=args.dry_run, log=lambda s: print(s, flush=True))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"decmem: {e}", file=sys.stderr)
+        return 2
+    if job is not None and args.wait:
+        from slurm.jobs import wait_finished
+
+        if sargs.resolved_cluster() == "slurm":
+            st = wait_finished(job.job_id, deadline_s=args.wait)
+            print(f"job {job.job_id}: {st['state']}")
+            return 0 if st["state"] == "COMPLETED" else 1
+        job.wait()
+        print(f"job {job.job_id}: {job.state}")
+        return 0 if job.state in ("FINISHED", "DONE", "COMPLETED") else 1
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from slurm.jobs import describe
+
+    print(describe(args.run_dir))
+    return 0
+
+
 def _stopped_early(cfg) -> int:
     """3 if the run saved and stopped before train.steps (a signal or train.stop_at), else 0."""
     from training.checkpoint import resolve_resume
@@ -320,6 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
                          "start nothing")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     tr.set_defaults(func=cmd_train)
+
+    sb = sub.add_parser("submit", help="submit training as a submitit job: SLURM (multi-node) or local",
+                        description="Submit `train` for CONFIG as a submitit job: one task per GPU (or "
+                                    "--tasks-per-node), rendezvous from the job environment, the code snapshotted "
+                                    "into run_dir/code/. USR2 (preemption, time limit) saves a checkpoint on every "
+                                    "rank and requeues the job, which resumes from `latest`.")
+    sb.add_argument("config", metavar="CONFIG")
+    sb.add_argument("overrides", nargs="*", metavar="key=value")
+    sb.add_argument("--cluster", default="auto", choices=("auto", "slurm", "local", "debug"),
+                    help="slurm, local (processes on this machine, no SLURM), debug (in this process); "
+                         "auto = slurm when sbatch exists")
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--gpus-per-node", type=int, default=0)
+    sb.add_argument("--tasks-per-node", type=int, default=0, help="default: one per GPU (1 without GPUs)")
+    sb.add_argument("--cpus-per-task", type=int, default=0)
+    sb.add_argument("--partition", "-p", default=None)
+    sb.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit in minutes (>= 5)")
+    sb.add_argument("--account", "-A", default=None)
+    sb.add_argument("--qos", default=None)
+    sb.add_argument("--constraint", "-C", default=None)
+    sb.add_argument("--mem", default=None, help="memory per node, e.g. 64G")
+    sb.add_argument("--signal-delay", type=int, default=120, metavar="S",
+                    help="seconds before the time limit at which USR2 asks the job to save and requeue")
+    sb.add_argument("--name", default=None, help="job name (default: the config's name)")
+    sb.add_argument("--dry-run", action="store_true", help="print the sbatch script and the layout; submit nothing")
+    sb.add_argument("--wait", type=float, default=0, metavar="S",
+                    help="wait up to S seconds for the job to finish; exit 0 only if it completed")
+    sb.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="a run's jobs: ids, state, last checkpoint, TensorBoard command")
+    jb.add_argument("run_dir", metavar="RUN_DIR")
+    jb.set_defaults(func=cmd_jobs)
 
     cfg = sub.add_parser("config", help="validate a run config and print it resolved (optionally dump it)",
                          description="Load CONFIG plus key=value overrides, report the first problem with file, "

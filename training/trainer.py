@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import VideoDiT
+from training.faults import maybe_fail
 
 log = logging.getLogger("decmem.train")
 
@@ -238,7 +239,11 @@ class Trainer:
         return path
 
     def install_signal_handlers(self) -> None:
-        """SIGUSR2 (SLURM's warning before a time limit / preemption) and SIGTERM: save at the next step, stop."""
+        """SIGUSR2 (SLURM's warning before a time limit / preemption) and SIGTERM: save at the next step, stop.
+
+        These replace submitit's own handlers, which would checkpoint from rank 0 alone: here every rank
+        learns of the signal through the step's all-reduce and all save the same step together.
+        """
         def handler(signum, frame):
             self.stop_signal = signum
         for sig in (signal.SIGUSR2, signal.SIGTERM):
@@ -295,7 +300,8 @@ class Trainer:
     # ----------------------------------------------------------------------------
 
     def fit(self) -> str:
-        """Train to train.steps; returns "done" or "stopped" (a signal arrived: the step was saved first)."""
+        """Train to train.steps -> "done"; or, after saving the step: "requeue" (SIGUSR2 on any rank: preemption or
+        time limit, the launcher should requeue), "stopped" (SIGTERM, or train.stop_at reached)."""
         from training.checkpoint import rng_state, save_checkpoint
         from training.metrics import MetricLogger
 
@@ -318,6 +324,7 @@ class Trainer:
         try:
             while self.state.step < t.steps:
                 step = self.state.step + 1                   # the step being taken (1-based, as logged)
+                maybe_fail(self.rank, step)
                 t0 = time.perf_counter()
                 micro = [self.loader.next_batch() for _ in range(t.grad_accum)]
                 t_data = time.perf_counter() - t0
@@ -344,18 +351,18 @@ class Trainer:
                 if cfg.log.rollout_every and step % cfg.log.rollout_every == 0:
                     self._write_rollout(logger.writer, step)
                 # one agreement per step: a signal on any rank, or the wall-clock save period on rank 0
-                flags = torch.tensor([float(self.stop_signal != 0),
+                flags = torch.tensor([float(self.stop_signal == signal.SIGUSR2), float(self.stop_signal != 0),
                                       float(self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
                                             time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)])
                 if self.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, due = bool(flags[0]) or step == t.stop_at, bool(flags[1])
+                requeue, stop, due = bool(flags[0]), bool(flags[1]) or step == t.stop_at, bool(flags[2])
                 periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
                 if stop or due or periodic or step == t.steps:
                     save()
                     last_save = time.monotonic()
                 if stop:
-                    outcome = "stopped"
+                    outcome = "requeue" if requeue else "stopped"
                     if self.rank == 0:
                         why = f"signal {self.stop_signal}" if self.stop_signal else f"train.stop_at={t.stop_at}"
                         log.warning("%s: saved step %d, stopping", why, step)
