@@ -9,8 +9,9 @@ STAMP := $(VENV)/.decmem-installed
 
 .PHONY: setup sysdeps test demo bench clean
 
-# Debian packages for headless rendering (MiniWorld over EGL, software GL).
-SYSDEPS := libegl1 libegl-mesa0 libgl1-mesa-dri
+# Debian packages: headless rendering (MiniWorld over EGL, software GL) and a one-node SLURM for the tests
+# of `decmem submit` (slurm/local_cluster.py starts it on localhost).
+SYSDEPS := libegl1 libegl-mesa0 libgl1-mesa-dri slurmctld slurmd slurm-client munge
 sysdeps:
 	@if dpkg -s $(SYSDEPS) >/dev/null 2>&1; then echo "system packages present: $(SYSDEPS)"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS); \

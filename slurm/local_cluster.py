@@ -83,6 +83,7 @@ def start(d: str, timeout_s: float = 60) -> str:
         os.makedirs("/run/munge", exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+        open(os.path.join(d, "munged.started"), "w").close()      # ours: stop() stops it too
     env = _env(d)
     subprocess.run(["slurmctld", "-f", conf_path(d)], env=env, check=True)
     subprocess.run(["slurmd", "-f", conf_path(d)], env=env, check=True)
@@ -96,10 +97,12 @@ def start(d: str, timeout_s: float = 60) -> str:
 
 
 def stop(d: str) -> None:
-    """Stop slurmd and slurmctld by their PID files (munged is left to the machine)."""
+    """Stop slurmd and slurmctld by their PID files, and munged if start() started it."""
     d = os.path.abspath(d)
-    for name in ("slurmd", "slurmctld"):
-        pid_file = os.path.join(d, f"{name}.pid")
+    pid_files = [os.path.join(d, f"{name}.pid") for name in ("slurmd", "slurmctld")]
+    if os.path.exists(os.path.join(d, "munged.started")):
+        pid_files.append("/run/munge/munged.pid")
+    for pid_file in pid_files:
         if not os.path.exists(pid_file):
             continue
         try:

@@ -114,8 +114,11 @@ def test_preemption_saves_requeues_and_resumes(straight, data, tmp_path):
     assert st["restarts"] == 1, st
     saved = int(open(os.path.join(run_dir, "checkpoints", "latest")).read().split("-")[1])
     assert 8 <= saved < STEPS
-    # SLURM holds a requeued job back for a while (its BeginTime); start it now instead of waiting
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+    # SLURM holds a requeued job back for a couple of minutes (Reason=BeginTime); once it is pending, start it now
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and slurm_state(job)["state"] != "PENDING":
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
     st = wait_finished(job, deadline_s=240)
     assert st["state"] == "COMPLETED", (st, logs(run_dir, job, "err"))
     out = logs(run_dir, job)[0]
@@ -152,3 +155,16 @@ def test_dry_run_for_4_nodes_x_8_gpus(tmp_path):
         assert line in out, f"{line} missing from:\n{out}"
     assert "world 32 = dp 8 x cp 4" in out and "--kill-on-bad-exit=1" in out
     assert not os.path.exists(tmp_path / "paper" / "jobs.json")            # nothing submitted
+
+
+def test_local_cluster_runs_the_same_job_without_slurm(data, tmp_path):
+    """--cluster local: the same submitit job function, 2 local processes, no SLURM involved."""
+    run_dir = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "training.cli", "submit", CONFIG, f"run_dir={run_dir}", f"data.data={data}",
+                        "train.steps=6", "checkpoint.every_steps=3", "log.progress=false", "--cluster", "local",
+                        "--tasks-per-node", "2", "--wait", "200"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "FINISHED" in r.stdout, r.stdout + r.stderr[-3000:]
+    job = json.load(open(os.path.join(run_dir, "jobs.json")))[-1]["job_id"]
+    out = logs(run_dir, job)
+    assert "rank 0/2" in out[0] and "rank 1/2" in out[1]
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step-6"
