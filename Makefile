@@ -32,14 +32,10 @@ $(STAMP): setup.cfg pyproject.toml
 test: setup
 	$(PY) -m pytest tests -q
 
-# Until the end-to-end demo lands (train + generate on rendered scenes), the
-# most end-to-end thing that exists is the attention benchmark.
+# The main job: render -> shards -> train (DeepSpeed, dp=1 x cp=2) -> generate per strategy -> eval/report.
+# Each stage is an ordinary `decmem` subcommand; a re-run reuses finished stages (see `decmem demo --help`).
 demo: setup
-	@echo "make demo: the full demo (render -> shards -> train -> rollouts) is not built yet;"
-	@echo "           running the attention benchmark instead, every strategy side by side."
-	$(VENV)/bin/decmem bench attention -c configs/bench_cpu.yaml --bank-frames 8,32,128,448 \
-		--json runs/demo/bench_attention.json
-	@echo "make demo: results in runs/demo/bench_attention.json (table above)."
+	$(VENV)/bin/decmem demo --out runs/demo
 
 bench: setup
 	$(VENV)/bin/decmem bench attention -c configs/bench_cpu.yaml --bank-frames 8,32,128,448,512 \

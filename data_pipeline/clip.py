@@ -109,3 +109,43 @@ def load_clip(path: str) -> dict:
         raise ValueError(f"{name}: cannot read clip .npz ({e})") from e
     clip = {k: (v.item() if v.ndim == 0 else v) for k, v in clip.items()}
     return validate_clip(clip, name=name)
+
+
+def load_clip_source(spec: str) -> dict:
+    """A canonical clip from a ``.npz``, or a sample of a dataset: a folder/prefix with manifest.json, or a .tar
+    shard (local or s3://); ``spec#KEY`` picks the sample with that key, else the first one is taken."""
+    path, _, key = spec.partition("#")
+    if path.endswith(".npz"):
+        return load_clip(path)
+    import json
+
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from data_pipeline import storage
+    from data_pipeline.loader import resolve_shards
+    from data_pipeline.shards import npy_load
+    from data_pipeline.video import decode_mp4_bytes
+
+    seen = 0
+    for url in resolve_shards(path):
+        with storage.open_read(url) as f:
+            for s in group_by_keys((dict(e, __url__=url) for e in tar_file_iterator(f)), lcase=False):
+                seen += 1
+                if key and s["__key__"] != key:
+                    continue
+                m = {k.lower(): v for k, v in s.items() if not k.startswith("__")}
+                if "frames.mp4" not in m:
+                    raise ValueError(f"{url}#{s['__key__']}: no frames.mp4 (latent-only samples have no pixels to "
+                                     "compare with; preprocess with the pixels codec)")
+                meta = json.loads(m.get("meta.json", b"{}"))
+                frames = decode_mp4_bytes(m["frames.mp4"], f"{url}#{s['__key__']}/frames.mp4")
+                H, W = meta.get("size", frames.shape[1:3])
+                clip = {"frames": np.ascontiguousarray(frames[:, :H, :W]),
+                        "K": npy_load(m["k.npy"], f"{s['__key__']}/K.npy").astype(np.float32),
+                        "c2w": npy_load(m["c2w.npy"], f"{s['__key__']}/c2w.npy").astype(np.float32),
+                        "fps": float(meta.get("fps", 10)), "source": str(meta.get("source") or "dataset"),
+                        "video_id": s["__key__"]}
+                if "actions.npy" in m:
+                    clip["actions"] = npy_load(m["actions.npy"], f"{s['__key__']}/actions.npy").astype(np.float32)
+                return validate_clip(clip, name=f"{url}#{s['__key__']}")
+    raise ValueError(f"{spec}: " + (f"no sample with key {key!r} among {seen}" if key else "holds no sample"))

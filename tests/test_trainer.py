@@ -200,7 +200,7 @@ def test_layout_equivalence_dp2_vs_cp2(tmp_path, data):
     s = samples(data, 2)
     starts = [4, 8]                                                   # 4 bank frames: 2 per cp rank
     both = batch_of(s, starts)
-    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1"]
+    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1", f"data.data={data}"]
     one = run_world(tmp_path, "one", 1, base + ["data.batch_size=2"], [[[both]]])
     dp2 = run_world(tmp_path, "dp2", 2, base + ["data.batch_size=1", "train.cp=1"],
                     [[[batch_of([s[0]], starts)], [batch_of([s[1]], starts)]]])
@@ -217,7 +217,7 @@ def test_gradient_accumulation(tmp_path, data):
     """1 micro-batch of 4 == 2 micro-batches of 2 through DeepSpeed's accumulation."""
     s = samples(data, 4)
     starts = [3, 7]
-    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1"]
+    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1", f"data.data={data}"]
     big = run_world(tmp_path, "big", 1, base + ["data.batch_size=4"], [[[batch_of(s, starts)]]])
     acc = run_world(tmp_path, "acc", 1, base + ["data.batch_size=2", "train.grad_accum=2"],
                     [[[batch_of(s[:2], starts), batch_of(s[2:], starts)]]])
@@ -239,3 +239,13 @@ def test_deepspeed_launcher(tmp_path, data):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     info = json.load(open(os.path.join(run_dir, "checkpoints", "step-2", "trainstate.json")))
     assert info["layout"] == {"world": 2, "dp": 2, "cp": 1}
+
+
+def test_wall_clock_checkpoints(tmp_path, data):
+    """checkpoint.every_minutes saves by elapsed time (here ~every step), independently of every_steps."""
+    run_dir = str(tmp_path / "clock")
+    r = train_cli(run_dir, data, "train.steps=4", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.0001",
+                  "checkpoint.keep=10", nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step-"))
+    assert steps == [1, 2, 3, 4]

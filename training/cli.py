@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 from training.config import ConfigError, dump_config, load_config
@@ -191,6 +192,37 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from training.evaluate import evaluate
+
+    try:
+        res = evaluate(args.clip, args.runs, args.out, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"decmem: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['revisit_count']} revisit frames of {res['generated_frames']} generated -> "
+          f"{args.out}/report.md, eval.json, compare.mp4, revisits.png")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from training.demo import DemoArgs, run_demo
+
+    a = DemoArgs(out=args.out, config=args.config, scenes=args.scenes, frames=args.frames,
+                 segment_frames=args.segment_frames, hw=args.hw, heldout_frames=args.heldout_frames,
+                 init_frames=args.init_frames, nproc=args.nproc, cp=args.cp, steps=args.steps,
+                 strategies=tuple(args.strategies), overrides=list(args.overrides))
+    try:
+        run_demo(a, log=lambda s: print(s, flush=True))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"decmem: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:
+        print(f"decmem demo: a stage failed (exit {e.returncode}): {' '.join(map(str, e.cmd[3:]))}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_jobs(args) -> int:
     from slurm.jobs import describe
 
@@ -307,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "M frames chunk by chunk along its camera path, encode each chunk into the bank "
                                      "once; write rollout.mp4, compare.mp4 (ground truth | generated), frames.json.")
     gen.add_argument("--weights", required=True, help="weights folder (model.safetensors + config.yaml)")
-    gen.add_argument("--clip", required=True, help="canonical clip .npz (frames, K, c2w[, actions])")
+    gen.add_argument("--clip", required=True, help="canonical clip .npz, or a dataset / .tar shard (its first sample, or DATASET#KEY)")
     gen.add_argument("--init-frames", type=int, required=True, help="N: ground-truth latent frames put in the bank")
     gen.add_argument("--frames", type=int, required=True, help="M: latent frames to generate")
     gen.add_argument("--out", required=True, help="output folder")
@@ -383,6 +415,42 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds for the job to finish; exit 0 only if it completed")
     sb.set_defaults(func=cmd_submit)
+
+    ev = sub.add_parser("eval", help="score generate outputs against ground truth: revisit PSNR/SSIM, report",
+                        description="Compare each run's rollout.mp4 with the clip's frames; a revisit is a generated "
+                                    "frame whose camera is within --pos-tol and --angle-tol of an init frame's. "
+                                    "Writes compare.mp4, revisits.png, eval.json, report.md.")
+    ev.add_argument("--clip", required=True,
+                    help="canonical clip .npz, or a dataset / .tar shard (its first sample, or DATASET#KEY)")
+    ev.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+                    help="`decmem generate` output folders, in table order")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--pos-tol", type=float, default=0.25,
+                    help="max camera-centre distance for a revisit (clip pose units)")
+    ev.add_argument("--angle-tol", type=float, default=20.0, help="max viewing-direction angle for a revisit (degrees)")
+    ev.set_defaults(func=cmd_eval)
+
+    dm = sub.add_parser("demo", help="the main job: render -> shards -> train (dp=1 x cp=2) -> generate -> eval",
+                        description="Chain ordinary decmem subcommands: preprocess (render MiniWorld scenes whose "
+                                    "camera paths revisit places, and one held-out scene), train (DeepSpeed ZeRO-3, 2 "
+                                    "local processes, dp=1 x cp=2), generate (one rollout per strategy along the "
+                                    "held-out clip, bank initialised from its first frames), eval (revisit PSNR/SSIM, "
+                                    "compare.mp4, revisits.png, report.md). Each stage prints its command, so it can "
+                                    "be rerun alone with other options; finished stages are reused on a re-run.")
+    dm.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for the train stage")
+    dm.add_argument("--out", default="runs/demo", help="the demo's run directory")
+    dm.add_argument("--config", default="configs/demo.yaml")
+    dm.add_argument("--scenes", type=int, default=6, help="training scenes to render")
+    dm.add_argument("--frames", type=int, default=96, help="frames per training scene")
+    dm.add_argument("--segment-frames", type=int, default=48, help="frames per training sample")
+    dm.add_argument("--hw", default="32x32", help="frame size HxW")
+    dm.add_argument("--heldout-frames", type=int, default=64, help="frames of the held-out clip")
+    dm.add_argument("--init-frames", type=int, default=24, help="ground-truth frames put in the bank")
+    dm.add_argument("--nproc", type=int, default=2)
+    dm.add_argument("--cp", type=int, default=2)
+    dm.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")
+    dm.add_argument("--strategies", type=_strategies, default=_strategies("decmem,window,dense"))
+    dm.set_defaults(func=cmd_demo)
 
     jb = sub.add_parser("jobs", help="a run's jobs: ids, state, last checkpoint, TensorBoard command")
     jb.add_argument("run_dir", metavar="RUN_DIR")

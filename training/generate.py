@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import torch
 
-from data_pipeline.clip import load_clip
+from data_pipeline.clip import load_clip_source
 from data_pipeline.video import side_by_side, write_mp4
 from model.camera import clip_cameras
 from model.codec import make_codec
@@ -29,7 +29,7 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
     ov = list(overrides) + ([f"model.attention.strategy={strategy}"] if strategy else [])
     ov += [f"diffusion.sample_steps={steps}"] if steps else []
     model, wcfg = load_weights(weights, device, overrides=ov)
-    clip = load_clip(clip_path)
+    clip = load_clip_source(clip_path)
     codec = make_codec(wcfg.codec, device)
     T = clip["frames"].shape[0]
     # latent frames the clip supports, and the source frame each latent stands for
