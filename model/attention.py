@@ -193,7 +193,7 @@ class DecMemAttention(nn.Module):
                 out = merge_lse([sel, window, chunk])[0]
         stats["attended_tokens"] = self._attended_tokens(N, Nf, L, w_lo, old)
         if return_stats:
-            stats.update(self._entropy(q, k, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames))
+            stats.update(self._entropy(q, k, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames, ctx))
         return self._out(out), stats
 
     # ----------------------------------------------------------------------------
@@ -309,31 +309,39 @@ class DecMemAttention(nn.Module):
         return sel + win + N
 
     @torch.no_grad()
-    def _entropy(self, q, k_chunk, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames):
-        """Attention entropy of the memory read (SGM branch for decmem, the full softmax otherwise)."""
+    def _entropy(self, q, k_chunk, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames, ctx):
+        """Attention entropy of the memory read (SGM branch for decmem, the full softmax otherwise).
+
+        Under context parallelism each rank sees its own share of the bank; the shares' (lse, E[logit])
+        merge across the group exactly like partial outputs, so every rank gets the single-process value.
+        """
         a = self.args
         B, H, N, d = q.shape
         e_chunk = expected_logit(q, k_chunk)
-        if a.strategy == "window":
+        if a.strategy == "window":                        # the window's K/V are already whole on every rank
             return {"entropy": softmax_entropy_parts([self._frames_expect(q, win_kv), e_chunk]).mean()}
         if a.strategy in ("dense", "dense_decay"):
             kv = bank.frames(0, L) if bank is not None else None
             bias = self._decay_bias(q, bank, kv, chunk_start)
-            return {"entropy": softmax_entropy_parts([self._frames_expect(q, kv, bias), e_chunk]).mean()}
-        # selected blocks held by this process (all of them on one process; a cp rank's own share)
-        idx, valid = stats["selected"], stats["selected_valid"]
-        G = idx.shape[2]
-        Bs = a.block_size
-        if bank is None or bank.local_frames == 0:
-            sel = (torch.full((B, H, N), -math.inf, device=q.device, dtype=e_chunk[0].dtype), torch.zeros_like(e_chunk[1]))
+            mem = self._frames_expect(q, kv, bias)
         else:
-            kb = _gather_blocks(bank.k, torch.where(valid, idx, torch.zeros_like(idx)), Bs)
-            bias = None
-            if a.strategy == "decmem" and a.retrieval_bias:
-                bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
-            lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, valid.repeat_interleave(Bs, dim=-1))
-            sel = (lse.reshape(B, H, N), e.reshape(B, H, N))
-        out = {"entropy": softmax_entropy_parts([sel, e_chunk]).mean()}
+            idx, valid = stats["selected"], stats["selected_valid"]            # global block indices
+            G = idx.shape[2]
+            Bs = a.block_size
+            if bank is None or bank.local_frames == 0:
+                mem = (torch.full((B, H, N), -math.inf, device=q.device, dtype=e_chunk[0].dtype),
+                       torch.zeros_like(e_chunk[1]))
+            else:
+                local = idx - bank.frame_offset * bank.blocks_per_frame
+                owned = valid & (local >= 0) & (local < bank.k_pool.shape[2] * bank.k_pool.shape[3])
+                kb = _gather_blocks(bank.k, torch.where(owned, local, torch.zeros_like(local)), Bs)
+                bias = None
+                if a.strategy == "decmem" and a.retrieval_bias:
+                    bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
+                lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, owned.repeat_interleave(Bs, dim=-1))
+                mem = (lse.reshape(B, H, N), e.reshape(B, H, N))
+        e_mem, lse_mem = ctx.merge_partials(mem[1].nan_to_num(0.0).unsqueeze(-1), mem[0])
+        out = {"entropy": softmax_entropy_parts([(lse_mem, e_mem.squeeze(-1)), e_chunk]).mean()}
         if a.strategy == "decmem":
             out["entropy_sgm"] = out["entropy"]
         return out

@@ -80,13 +80,18 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
                 x = lat[:, t0:t0 + C] * 0.6 + 0.1
                 tau = torch.full((1,), 0.4, dtype=dtype)
                 cams = (K[:, t0:t0 + C], c2w[:, t0:t0 + C])
-                ref_out, _ = model(x, tau, *cams, t0, model.encode_memory(lat[:, :t0], K[:, :t0], c2w[:, :t0]))
+                ref_out, ref_st = model(x, tau, *cams, t0, model.encode_memory(lat[:, :t0], K[:, :t0], c2w[:, :t0]),
+                                        return_stats=True)
                 lo, hi = ctx.shard(t0)
                 bank = model.encode_memory(lat[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, ctx=ctx)
-                out, _ = model(x, tau, *cams, t0, bank, ctx=ctx)
+                out, st = model(x, tau, *cams, t0, bank, ctx=ctx, return_stats=True)
                 if not torch.allclose(out, ref_out, atol=tol, rtol=tol):
                     raise AssertionError(f"{name}: output differs from single-process by "
                                          f"{(out - ref_out).abs().max().item():.3g}")
+                # the logged attention entropy reads the whole bank too (shares merged across the group)
+                if not torch.allclose(st["entropy"], ref_st["entropy"], atol=tol * 10, rtol=tol * 10):
+                    raise AssertionError(f"{name}: attention entropy {st['entropy'].item()} != single-process "
+                                         f"{ref_st['entropy'].item()}")
             if not torch.allclose(loss, ref_loss, atol=tol, rtol=tol):
                 raise AssertionError(f"{name}: loss {loss.item()} != single-process {ref_loss.item()}")
             if "selected" in ref_stats["layers"][0]:
