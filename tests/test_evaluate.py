@@ -191,3 +191,18 @@ def test_evaluate_without_revisits_shows_last_generated_frames(toy):
     js = json.loads((tmp / "eval" / "eval.json").read_text())
     assert js["rows"][0]["revisit_psnr"] is None
     assert Image.open(tmp / "eval" / "revisits.png").height == 3 * 32 + 2 * 2
+
+
+def test_revisit_needs_an_old_enough_init_frame():
+    """min_gap: matching only the last init frames (the local window's) is not a revisit; an old one is."""
+    from training.evaluate import revisit_mask
+
+    T, init = 12, 8
+    c2w = np.tile(np.eye(4), (T, 1, 1))
+    c2w[:, 0, 3] = np.arange(T) * 1.0                      # 1 unit per frame along x, same view direction
+    c2w[8, 0, 3] = 7.0                                      # frame 8 sits at frame 7's pose (1 frame older)
+    c2w[9, 0, 3] = 1.0                                      # frame 9 sits at frame 1's pose (8 frames older)
+    m0 = revisit_mask(c2w, init, 0.25, 20.0, min_gap=0)
+    m8 = revisit_mask(c2w, init, 0.25, 20.0, min_gap=8)
+    assert m0.tolist() == [False] * 8 + [True, True, False, False]
+    assert m8.tolist() == [False] * 8 + [False, True, False, False]

@@ -196,7 +196,8 @@ def cmd_eval(args) -> int:
     from training.evaluate import evaluate
 
     try:
-        res = evaluate(args.clip, args.runs, args.out, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
+        res = evaluate(args.clip, args.runs, args.out, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol,
+                       min_gap=args.min_gap)
     except (ValueError, FileNotFoundError) as e:
         print(f"decmem: {e}", file=sys.stderr)
         return 2
@@ -210,7 +211,7 @@ def cmd_demo(args) -> int:
 
     a = DemoArgs(out=args.out, config=args.config, scenes=args.scenes, frames=args.frames,
                  segment_frames=args.segment_frames, hw=args.hw, heldout_frames=args.heldout_frames,
-                 init_frames=args.init_frames, nproc=args.nproc, cp=args.cp, steps=args.steps,
+                 init_frames=args.init_frames, heldout_seed=args.heldout_seed, nproc=args.nproc, cp=args.cp, steps=args.steps,
                  strategies=tuple(args.strategies), overrides=list(args.overrides))
     try:
         run_demo(a, log=lambda s: print(s, flush=True))
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pos-tol", type=float, default=0.25,
                     help="max camera-centre distance for a revisit (clip pose units)")
     ev.add_argument("--angle-tol", type=float, default=20.0, help="max viewing-direction angle for a revisit (degrees)")
+    ev.add_argument("--min-gap", type=int, default=8,
+                    help="the init frame revisited must be at least this many frames older (not the local window's)")
     ev.set_defaults(func=cmd_eval)
 
     dm = sub.add_parser("demo", help="the main job: render -> shards -> train (dp=1 x cp=2) -> generate -> eval",
@@ -446,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--hw", default="32x32", help="frame size HxW")
     dm.add_argument("--heldout-frames", type=int, default=64, help="frames of the held-out clip")
     dm.add_argument("--init-frames", type=int, default=24, help="ground-truth frames put in the bank")
+    dm.add_argument("--heldout-seed", type=int, default=1024, help="render seed of the held-out scene")
     dm.add_argument("--nproc", type=int, default=2)
     dm.add_argument("--cp", type=int, default=2)
     dm.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")

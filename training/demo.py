@@ -34,6 +34,10 @@ class DemoArgs:
     segment_frames: int = 48         # frames per training sample (>= data.clip_frames)
     hw: str = "32x32"
     heldout_frames: int = 64         # the held-out clip: init frames + generated frames
+    # The held-out scene is never trained on (training renders seeds 0..scenes-1). Seed 1024 is chosen by its
+    # camera path alone: it returns to 10 of its first 24 poses during the 40 frames generated after them
+    # (seeds 1000-1029 average 1.8), so the revisit columns of the report have frames to measure.
+    heldout_seed: int = 1024
     init_frames: int = 24            # ground-truth frames that initialise the bank
     nproc: int = 2
     cp: int = 2
@@ -53,12 +57,17 @@ def _run(stage: str, cmd: list[str], log) -> float:
     return time.monotonic() - t0
 
 
-def _manifest_done(root: str) -> bool:
+def _manifest_done(root: str, spec: str) -> bool:
+    """The dataset at root holds exactly the scenes of this render spec, all finished."""
+    from data_pipeline.render import find_inputs
+
     path = os.path.join(root, "manifest.json")
     if not os.path.exists(path):
         return False
     m = json.load(open(path))
-    return bool(m.get("shards")) and all(r.get("status") in ("done", "skipped") for r in m.get("inputs", {}).values())
+    inputs = m.get("inputs", {})
+    return (bool(m.get("shards")) and set(inputs) == {d["id"] for d in find_inputs(spec)}
+            and all(r.get("status") in ("done", "skipped") for r in inputs.values()))
 
 
 def _train_done(run_dir: str, steps: int) -> int | None:
@@ -90,17 +99,21 @@ def run_demo(a: DemoArgs, log=print) -> str:
 
     # 1-2: data (render + shards); preprocess resumes by itself, so a finished dataset costs a manifest read
     spec = f"scenes={a.scenes},frames={a.frames},hw={a.hw},seed=0"
-    for stage, root, cmd in (
-        ("1/5 data", data, _cli("preprocess", "--format", "render", spec, data, "--segment-frames", a.segment_frames,
-                                "--shard-bytes", "256KB")),
-        ("2/5 held-out", heldout, _cli("preprocess", "--format", "render",
-                                       f"scenes=1,frames={a.heldout_frames},hw={a.hw},seed=1000", heldout,
-                                       "--segment-frames", a.heldout_frames))):
-        if _manifest_done(root):
+    held_spec = f"scenes=1,frames={a.heldout_frames},hw={a.hw},seed={a.heldout_seed}"
+    ran = set()
+    for stage, root, sp, cmd in (
+        ("1/5 data", data, spec, _cli("preprocess", "--format", "render", spec, data, "--segment-frames",
+                                      a.segment_frames, "--shard-bytes", "256KB")),
+        ("2/5 held-out", heldout, held_spec, _cli("preprocess", "--format", "render", held_spec, heldout,
+                                                  "--segment-frames", a.heldout_frames))):
+        if _manifest_done(root, sp):
             line = f"[{stage}] reused {root}"
         else:
+            if os.path.exists(root):              # another spec's scenes: start that dataset over
+                shutil.rmtree(root)
             secs = _run(stage, cmd, log)
             line = f"[{stage}] {root} in {secs:.0f} s"
+            ran.add(stage)
         m = json.load(open(os.path.join(root, "manifest.json")))
         summary.append(f"{line}: {m['samples']} samples, {m['frames']} frames, {len(m['shards'])} shards")
         log(summary[-1])
@@ -129,7 +142,8 @@ def run_demo(a: DemoArgs, log=print) -> str:
         gdir = os.path.join(out, "generate", s)
         runs.append(gdir)
         fj = os.path.join(gdir, "frames.json")
-        if os.path.exists(fj) and json.load(open(fj))["summary"]["weights"] == os.path.abspath(weights):
+        fresh = "2/5 held-out" not in ran and os.path.exists(fj)
+        if fresh and json.load(open(fj))["summary"]["weights"] == os.path.abspath(weights):
             summary.append(f"[4/5 generate {s}] reused {gdir}")
         else:
             secs = _run(f"4/5 generate {s}", _cli("generate", "--weights", weights, "--clip", heldout, "--init-frames",

@@ -27,10 +27,12 @@ STRIP_FRAMES = 8
 GAP = 2
 
 
-def revisit_mask(c2w: np.ndarray, init_frames: int, pos_tol: float, angle_tol_deg: float) -> np.ndarray:
+def revisit_mask(c2w: np.ndarray, init_frames: int, pos_tol: float, angle_tol_deg: float,
+                 min_gap: int = 0) -> np.ndarray:
     """bool [T]: frame t >= init_frames whose camera centre lies within ``pos_tol`` (pose units) of some init
-    frame j < init_frames AND whose viewing direction (camera +z, ``c2w[:3, 2]``) is within ``angle_tol_deg``
-    of that same frame's. Frames before ``init_frames`` are False."""
+    frame j < init_frames, j <= t - min_gap, AND whose viewing direction (camera +z, ``c2w[:3, 2]``) is within
+    ``angle_tol_deg`` of that same frame's. Frames before ``init_frames`` are False. ``min_gap`` keeps the
+    frames just before the rollout (the local window's, which any strategy reads) from counting as revisits."""
     c2w = np.asarray(c2w, dtype=np.float64)
     if c2w.ndim != 3 or c2w.shape[1:] != (4, 4):
         raise ValueError(f"revisit_mask: expected c2w [T,4,4], got shape {c2w.shape}")
@@ -46,7 +48,8 @@ def revisit_mask(c2w: np.ndarray, init_frames: int, pos_tol: float, angle_tol_de
     dist = np.linalg.norm(pos[init_frames:, None] - pos[None, :init_frames], axis=-1)     # [T-I, I]
     cos = np.clip(np.einsum("gc,ic->gi", fwd[init_frames:], fwd[:init_frames]), -1.0, 1.0)
     angle = np.degrees(np.arccos(cos))                                    # [T-I, I]
-    mask[init_frames:] = ((dist <= pos_tol) & (angle <= angle_tol_deg)).any(axis=1)
+    gap = np.arange(init_frames, T)[:, None] - np.arange(init_frames)[None, :] >= min_gap   # [T-I, I]
+    mask[init_frames:] = ((dist <= pos_tol) & (angle <= angle_tol_deg) & gap).any(axis=1)
     return mask
 
 
@@ -154,7 +157,7 @@ def _clean(x):
 
 
 def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float = 0.25, angle_tol_deg: float = 20.0,
-             log=print) -> dict:
+             log=print, min_gap: int = 8) -> dict:
     """Score ``decmem generate`` run folders against ``clip_spec``'s ground truth; write compare.mp4,
     revisits.png, eval.json and report.md into ``out_dir``; return the eval.json dict (``rows``, ``paths``...)."""
     from data_pipeline import clip as clipmod
@@ -186,7 +189,7 @@ def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float =
             raise ValueError(f"{r['dir']}: rollout.mp4 frames are {h}x{w}, clip frames are {H}x{W}")
         r["video"] = np.ascontiguousarray(r["video"][:, :H, :W])          # drop write_mp4's even-size padding
     gt = frames_gt[:length]
-    revisit = revisit_mask(clip["c2w"][:length], n_init, pos_tol, angle_tol_deg)        # [length]
+    revisit = revisit_mask(clip["c2w"][:length], n_init, pos_tol, angle_tol_deg, min_gap)  # [length]
     gen_idx = np.arange(n_init, length)
     rev_idx = np.flatnonzero(revisit)
     labels = _labels(runs)
@@ -233,7 +236,7 @@ def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float =
 
     result = {
         "clip": clip_spec, "video_id": vid, "fps": fps, "frames": int(length), "init_frames": int(n_init),
-        "generated_frames": int(length - n_init), "pos_tol": pos_tol, "angle_tol_deg": angle_tol_deg,
+        "generated_frames": int(length - n_init), "pos_tol": pos_tol, "angle_tol_deg": angle_tol_deg, "min_gap": min_gap,
         "revisit_count": int(len(rev_idx)), "revisit_frames": rev_idx.tolist(), "revisit": revisit,
         "strip_frames": [int(i) for i in pick], "strip_source": strip_source,
         "compare_panels": ["ground truth"] + labels, "rows": rows, "paths": paths,
@@ -254,7 +257,8 @@ def _report(res: dict) -> str:
          f"- clip: `{res['clip']}`" + (f" (video_id `{res['video_id']}`)" if res["video_id"] else ""),
          f"- init frames (given to the model): {res['init_frames']}; generated frames: {res['generated_frames']}",
          f"- revisit: a generated frame whose camera centre is within {res['pos_tol']} (clip pose units) of an init "
-         f"frame's AND whose viewing direction (camera +z) is within {res['angle_tol_deg']} deg of that frame's; "
+         f"frame at least {res['min_gap']} frames older AND whose viewing direction (camera +z) is within "
+         f"{res['angle_tol_deg']} deg of that frame's; "
          f"{res['revisit_count']} of {res['generated_frames']} generated frames are revisits"
          + (f" (frames {res['revisit_frames']})" if res["revisit_count"] else ""),
          "- PSNR (dB, 0..255, 100 = identical) and SSIM (gaussian 11/1.5, data range 255) compare each decoded "
