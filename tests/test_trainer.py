@@ -249,3 +249,39 @@ def test_wall_clock_checkpoints(tmp_path, data):
     assert r.returncode == 0, r.stderr[-3000:]
     steps = sorted(int(d.split("-")[1]) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.startswith("step-"))
     assert steps == [1, 2, 3, 4]
+
+
+#################################################################################
+#                             Non-finite losses                                 #
+#################################################################################
+
+def test_a_non_finite_loss_skips_the_step(tmp_path, data):
+    """A NaN loss on one rank: every rank skips that step (weights untouched), logs it, and training goes on."""
+    run_dir = str(tmp_path / "nan1")
+    env_run = dict(os.environ, DECMEM_FAULT="nan:rank=1:step=3")
+    cmd = [*DECMEM, "train", CONFIG, f"run_dir={run_dir}", f"data.data={data}", "log.progress=false", "train.steps=5",
+           "log.every_steps=1", "checkpoint.every_steps=2", "checkpoint.keep=5", "--nproc", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env_run, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m[3]["train/skipped_steps"] == 1.0 and "train/loss" not in m[3]
+    assert all(m[s]["train/skipped_steps"] == 0.0 for s in (1, 2, 4, 5))
+    w2 = weights(os.path.join(run_dir, "checkpoints", "step-2"))
+    w5 = weights(os.path.join(run_dir, "checkpoints", "step-5"))
+    assert all(torch.isfinite(v).all() for v in w5.values())
+    assert any(not torch.equal(w2[k], w5[k]) for k in w2)               # steps 4 and 5 trained
+    assert "step 3: non-finite loss" in r.stderr
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_with_the_last_good_weights(tmp_path, data):
+    run_dir = str(tmp_path / "nan3")
+    env_run = dict(os.environ, DECMEM_FAULT="nan:rank=0:step=3:count=10")
+    cmd = [*DECMEM, "train", CONFIG, f"run_dir={run_dir}", f"data.data={data}", "log.progress=false", "train.steps=20",
+           "checkpoint.every_steps=2", "checkpoint.keep=5", "train.max_nonfinite=3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env_run, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "3 steps in a row (up to step 5) had a non-finite loss" in r.stderr
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step-5"
+    w2, w5 = (weights(os.path.join(run_dir, "checkpoints", f"step-{s}")) for s in (2, 5))
+    for k in w2:                                                         # nothing was applied at steps 3..5
+        assert torch.equal(w2[k], w5[k]), k

@@ -156,9 +156,13 @@ def cmd_train(args) -> int:
             return 2
         rc = launch_local(args.nproc, ["train", args.config, *args.overrides])
         return rc or _stopped_early(cfg)
-    from training.trainer import train
+    from training.trainer import NonFiniteLoss, train
 
-    outcome = train(cfg)
+    try:
+        outcome = train(cfg)
+    except NonFiniteLoss as e:
+        print(f"decmem: {e}", file=sys.stderr)
+        return 4
     if inside:            # a rank's non-zero exit would make the launcher kill the others: report it from the parent
         return 0
     return 0 if outcome == "done" else 3                             # 3: stopped (signal or stop_at) after saving

@@ -38,7 +38,7 @@ class MetricLogger:
     def __init__(self, args: LogArgs, run_dir: str, rank: int, world: int, total_steps: int, start_step: int):
         self.args, self.rank, self.world = args, rank, world
         self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.counts: dict[str, int] = defaultdict(int)      # per key: a skipped step has no loss or grad norm
         self.writer = self.bar = self.jsonl = None
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
@@ -55,18 +55,18 @@ class MetricLogger:
     def add(self, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
             self.sums[k] += float(v)
-        self.count += 1
+            self.counts[k] += 1
 
     def log(self, step: int) -> dict[str, float]:
         """Mean of each scalar over the steps since the last call and over all ranks; rank 0 writes them."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [float(self.count)], dtype=torch.float64)
+        vec = torch.tensor([self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys], dtype=torch.float64)
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(vec)
-        n = max(vec[-1].item(), 1.0)
-        means = {k: vec[i].item() / n for i, k in enumerate(keys)}
+            dist.all_reduce(vec)                    # every rank logs the same keys at the same steps
+        n = len(keys)
+        means = {k: vec[i].item() / max(vec[n + i].item(), 1.0) for i, k in enumerate(keys)}
         self.sums.clear()
-        self.count = 0
+        self.counts.clear()
         if self.writer is not None:
             for k, v in means.items():
                 self.writer.add_scalar(k, v, step)

@@ -19,11 +19,12 @@ class TrainArgs:
     activation_checkpointing: bool = False  # recompute each DiT block in backward
     ema: float = 0.0                 # EMA decay of the weights (0 = off), e.g. 0.999
     stop_at: int = 0                 # save and stop once this step is done (0 = run to steps); the schedule still spans steps
+    max_nonfinite: int = 3           # steps in a row with a non-finite loss (each skipped) before the run saves and stops
     threads: int = 0                 # torch intra-op threads per process (0 = torch's default)
     timeout_s: int = 300             # a collective waiting longer than this fails the job instead of hanging
 
     def __post_init__(self):
-        for key in ("steps", "grad_accum", "cp", "timeout_s"):
+        for key in ("steps", "grad_accum", "cp", "timeout_s", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
         if self.stop_at < 0:
@@ -56,9 +57,13 @@ import torch.nn as nn
 
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import VideoDiT
-from training.faults import maybe_fail
+from training.faults import maybe_fail, maybe_nan
 
 log = logging.getLogger("decmem.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed non-finite: the run saved its unchanged weights and stopped."""
 
 
 #################################################################################
@@ -274,6 +279,19 @@ class Trainer:
             gens = sample_generators(self.cfg.seed, self.state.step, mb["keys"])
             loss, stats = self.engine(mb["latents"], mb["K"], mb["c2w"], mb["chunk_starts"], gens, mb.get("actions"),
                                       self.ctx, with_stats and i == len(micro_batches) - 1)
+            loss = maybe_nan(loss, self.rank, self.state.step + 1)
+            if not self._all_finite(loss):
+                # DeepSpeed checks gradients for overflow only in fp16; in fp32/bf16 one NaN would reach the weights
+                self.state.step += 1
+                if len(micro_batches) > 1:
+                    raise NonFiniteLoss(
+                        f"step {self.state.step}: non-finite loss (micro-batch {i}, samples {mb['keys']} on rank "
+                        f"{self.rank} or another); with train.grad_accum > 1 the gradients already accumulated "
+                        "cannot be taken back through the engine, so the run stops here: resume from the last "
+                        "checkpoint (check the data, or lower optim.lr)")
+                log.warning("step %d: non-finite loss (samples %s on this rank or another): step skipped, "
+                            "weights unchanged", self.state.step, mb["keys"])
+                return {"train/skipped_steps": 1.0, "memory/bank_tokens": float(stats.get("bank_tokens", 0))}, {}
             self.engine.backward(loss)
             self.engine.step()                           # DeepSpeed steps the optimizer at the accumulation boundary
             losses.append(loss.detach().float().item())
@@ -283,6 +301,7 @@ class Trainer:
         h, w = micro_batches[0]["latents"].shape[-2:]
         self.frame_hw = (h, w)
         scalars = {"train/loss": sum(losses) / len(losses), "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/skipped_steps": 0.0,
                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                    "memory/bank_tokens": float(stats.get("bank_tokens", 0))}
         for key in ("gate_sgm", "gate_alm", "entropy"):
@@ -307,7 +326,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         logger = MetricLogger(cfg.log, cfg.run_dir, self.rank, self.world, t.steps, self.state.step)
-        last_save, outcome = time.monotonic(), "done"
+        last_save, outcome, bad_run = time.monotonic(), "done", 0
         start_seconds = self.state.train_seconds
         t_start = time.monotonic()
 
@@ -330,6 +349,13 @@ class Trainer:
                 t_data = time.perf_counter() - t0
                 want_map = bool(cfg.log.heatmap_every) and step % cfg.log.heatmap_every == 0
                 scalars, stats = self.train_step(micro, with_stats=want_map or step % cfg.log.every_steps == 0)
+                bad_run = bad_run + 1 if scalars["train/skipped_steps"] else 0
+                if bad_run >= t.max_nonfinite:
+                    save()                                   # nothing was applied since the last good step
+                    raise NonFiniteLoss(
+                        f"{bad_run} steps in a row (up to step {step}) had a non-finite loss and were skipped "
+                        f"(train.max_nonfinite={t.max_nonfinite}); saved step {step}, whose weights are those of the "
+                        "last good update, and stopped: check the data (loader stats in TensorBoard) or lower optim.lr")
                 t_step = time.perf_counter() - t0
                 tokens = self.samples_per_step * cfg.data.clip_frames * self._tokens_per_frame(micro[0])
                 self.state.samples += self.samples_per_step
@@ -371,6 +397,13 @@ class Trainer:
             logger.close()
             self.loader.close()
         return outcome
+
+    def _all_finite(self, loss) -> bool:
+        """Whether every rank's loss is finite (agreed by an all-reduce, so all ranks skip or step together)."""
+        ok = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
     def _tokens_per_frame(self, batch: dict) -> int:
         h, w = batch["latents"].shape[-2:]
