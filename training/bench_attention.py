@@ -91,13 +91,19 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
             })
             log(_row_line(rows[-1]))
     _add_ratios(rows)
+    write_rows(json_path, rows)
+    return rows
+
+
+def write_rows(json_path: str | None, rows: list[dict], **extra) -> None:
+    """Every benchmark's JSON: its rows, each stamped with the machine (and ``extra``) it was measured on."""
+    if not json_path:
+        return
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__}
-    if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump([dict(r, machine=machine) for r in rows], f, indent=1)
-    return rows
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump([dict(r, machine=machine, **extra) for r in rows], f, indent=1)
 
 
 def format_table(rows) -> str:

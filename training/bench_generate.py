@@ -12,7 +12,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import time
@@ -98,12 +97,9 @@ def run_generate_bench(cfg, strategies, bank_frames, json_path=None, log=print):
     for r in rows:
         if r["bank_frames"] in base:
             r["vs_decmem"] = r["sec_per_latent"] / base[r["bank_frames"]]
-    if json_path:
-        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count()}
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump([dict(r, machine=machine) for r in rows], f, indent=1)
+    from training.bench_attention import write_rows
+
+    write_rows(json_path, rows)
     return rows
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -333,12 +332,9 @@ def run_train_bench(cfg, strategies, bank_frames, json_path=None, log=print, mem
         if summary:
             log(summary)
 
-    if json_path:
-        machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count()}
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump([dict(r, machine=machine) for r in rows], f, indent=1)
+    from training.bench_attention import write_rows
+
+    write_rows(json_path, rows)
     return rows
 
 

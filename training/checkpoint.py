@@ -179,12 +179,9 @@ def load_checkpoint(engine, path: str, rank: int, layout: dict) -> TrainState:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from data_pipeline.storage import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode())
 
 
 def _atomic_torch_save(obj, path: str) -> None:

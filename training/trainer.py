@@ -423,9 +423,11 @@ class Trainer:
             sd = gather_state_dict(self.engine.module, self.rank, ema)
             if self.rank == 0:
                 save_weights(self.engine.module.model, os.path.join(ckpt_dir, sub), self.cfg.diffusion,
-                             codec=self._codec(), frame_hw=self._frame_pixels(), state_dict=sd)
+                             codec=self._codec, frame_hw=self._frame_pixels(), state_dict=sd)
 
+    @functools.cached_property
     def _codec(self) -> str:
+        """The codec the dataset was preprocessed with, from its manifest (read once)."""
         from data_pipeline import storage
         from data_pipeline.loader import resolve_shards
 
@@ -437,7 +439,7 @@ class Trainer:
             return "pixels"
 
     def _frame_pixels(self) -> list[int]:
-        return list(self.frame_hw) if self.frame_hw and self._codec() == "pixels" else [0, 0]
+        return list(self.frame_hw) if self.frame_hw and self._codec == "pixels" else [0, 0]
 
     def _write_heatmap(self, writer, stats: dict, batch: dict, step: int) -> None:
         from training.visuals import add_heatmap, retrieval_heatmap
