@@ -117,6 +117,18 @@ def load_clip_source(spec: str) -> dict:
     path, _, key = spec.partition("#")
     if path.endswith(".npz"):
         return load_clip(path)
+    for clip in iter_clip_sources(spec):
+        return clip
+    raise AssertionError("unreachable: iter_clip_sources raises when it finds nothing")
+
+
+def iter_clip_sources(spec: str, limit: int | None = None):
+    """Yield canonical clips (with ``depth`` [T,H,W] when the sample has one) from a ``.npz`` or a dataset, in shard
+    order; ``spec#KEY`` yields only that sample. Raises ValueError when nothing matches."""
+    path, _, key = spec.partition("#")
+    if path.endswith(".npz"):
+        yield load_clip(path)
+        return
     import json
 
     from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -126,19 +138,20 @@ def load_clip_source(spec: str) -> dict:
     from data_pipeline.shards import npy_load
     from data_pipeline.video import decode_mp4_bytes
 
-    seen = 0
+    seen = given = 0
     for url in resolve_shards(path):
         with storage.open_read(url) as f:
             for s in group_by_keys((dict(e, __url__=url) for e in tar_file_iterator(f)), lcase=False):
                 seen += 1
                 if key and s["__key__"] != key:
                     continue
+                name = f"{url}#{s['__key__']}"
                 m = {k.lower(): v for k, v in s.items() if not k.startswith("__")}
                 if "frames.mp4" not in m:
-                    raise ValueError(f"{url}#{s['__key__']}: no frames.mp4 (latent-only samples have no pixels to "
+                    raise ValueError(f"{name}: no frames.mp4 (latent-only samples have no pixels to "
                                      "compare with; preprocess with the pixels codec)")
                 meta = json.loads(m.get("meta.json", b"{}"))
-                frames = decode_mp4_bytes(m["frames.mp4"], f"{url}#{s['__key__']}/frames.mp4")
+                frames = decode_mp4_bytes(m["frames.mp4"], f"{name}/frames.mp4")
                 H, W = meta.get("size", frames.shape[1:3])
                 clip = {"frames": np.ascontiguousarray(frames[:, :H, :W]),
                         "K": npy_load(m["k.npy"], f"{s['__key__']}/K.npy").astype(np.float32),
@@ -147,5 +160,15 @@ def load_clip_source(spec: str) -> dict:
                         "video_id": s["__key__"]}
                 if "actions.npy" in m:
                     clip["actions"] = npy_load(m["actions.npy"], f"{s['__key__']}/actions.npy").astype(np.float32)
-                return validate_clip(clip, name=f"{url}#{s['__key__']}")
-    raise ValueError(f"{spec}: " + (f"no sample with key {key!r} among {seen}" if key else "holds no sample"))
+                if "depth.npy" in m:
+                    depth = npy_load(m["depth.npy"], f"{s['__key__']}/depth.npy").astype(np.float32)
+                    if depth.shape != clip["frames"].shape[:3]:
+                        raise ValueError(f"{name}/depth.npy: expected [T,H,W] = {clip['frames'].shape[:3]}, "
+                                         f"got {depth.shape}")
+                    clip["depth"] = depth
+                yield validate_clip(clip, name=name)
+                given += 1
+                if limit is not None and given >= limit:
+                    return
+    if not given:
+        raise ValueError(f"{spec}: " + (f"no sample with key {key!r} among {seen}" if key else "holds no sample"))

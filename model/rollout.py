@@ -20,6 +20,8 @@ class Rollout:
     chunk_frames: list[int] = field(default_factory=list)
     attended_tokens: list[int] = field(default_factory=list)
     bank: MemoryBank | None = None
+    # per chunk: (chunk_start, [(selected [B, H, G, k], valid [B, H, G, k]) per layer]) of its last denoising step
+    selections: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
 
     def seconds_per_latent(self) -> list[float]:
         """Per generated latent frame: its chunk's wall time (sampling + encoding) / frames kept."""
@@ -28,13 +30,15 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, actions=None, generator=None,
-            gt_latents=None, teacher_forcing: bool = False, bank: MemoryBank | None = None, on_chunk=None) -> Rollout:
+            gt_latents=None, teacher_forcing: bool = False, bank: MemoryBank | None = None, on_chunk=None,
+            keep_selections: bool = False) -> Rollout:
     """Generate n_new latent frames after init_latents [B, N, C, h, w] along cameras K/c2w [B, >= N + n_new, ...].
 
     The bank starts from the N given frames (or from ``bank`` when resuming a
     paused rollout) and grows by one memory-stream encode of each chunk. With
     teacher_forcing the bank takes the ground-truth chunk (gt_latents) instead
     of the generated one: a diagnostic of how well the model reads its memory.
+    keep_selections records which bank blocks each chunk read (for recall@k).
     """
     B, N = init_latents.shape[:2]
     C = model.args.chunk_frames
@@ -67,6 +71,9 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         res.chunk_seconds.append(time.perf_counter() - start)
         res.chunk_frames.append(keep)
         res.attended_tokens.append(int(stats["attended_tokens"]))
+        if keep_selections:
+            res.selections.append((t, [(s["selected"].cpu(), s["selected_valid"].cpu())
+                                       for s in stats.get("layers", []) if "selected" in s]))
         t += keep
         if on_chunk is not None:
             on_chunk(t - N, n_new, res)

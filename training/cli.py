@@ -47,6 +47,7 @@ def _load(args):
 
 def cmd_bench_attention(args) -> int:
     from training.bench_attention import format_table, run_attention_bench
+    from training.plots import write_bench_outputs
 
     cfg = _load(args)
     if args.repeats is not None:
@@ -55,7 +56,9 @@ def cmd_bench_attention(args) -> int:
         dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")  # the resolved config behind the rows
     rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json,
                                log=lambda s: print(s, flush=True))
-    return _print_rows(rows, format_table, args.json)
+    rc = _print_rows(rows, format_table, args.json)
+    write_bench_outputs("attention", args.json)      # with --json: <stem>.png, <stem>.targets.json, targets table
+    return rc
 
 
 def _print_rows(rows, format_table, json_path) -> int:
@@ -68,18 +71,24 @@ def _print_rows(rows, format_table, json_path) -> int:
 
 def cmd_bench_generate(args) -> int:
     from training.bench_generate import format_table, run_generate_bench
+    from training.plots import write_bench_outputs
 
     cfg = _load(args)
     if args.json:
         dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")
     rows = run_generate_bench(cfg, args.strategies, args.bank_frames, args.json, log=lambda s: print(s, flush=True))
-    return _print_rows(rows, format_table, args.json)
+    rc = _print_rows(rows, format_table, args.json)
+    write_bench_outputs("generate", args.json)
+    return rc
 
 
 def cmd_bench_train(args) -> int:
     from training.bench_train import cli_main
+    from training.plots import write_bench_outputs
 
-    return cli_main(_load(args), args, log=lambda s: print(s, flush=True))
+    rc = cli_main(_load(args), args, log=lambda s: print(s, flush=True))
+    write_bench_outputs("train", args.json)
+    return rc
 
 
 def cmd_generate(args) -> int:
@@ -106,6 +115,7 @@ def cmd_preprocess(args) -> int:
 
 def cmd_bench_data(args) -> int:
     from training.bench_data import run_data_bench
+    from training.plots import write_bench_outputs
 
     cfg = _load(args)
     rows = run_data_bench(cfg, args.spec, args.clip_frames, args.samples, args.json, log=lambda s: print(s, flush=True),
@@ -113,16 +123,19 @@ def cmd_bench_data(args) -> int:
     print()
     for r in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    write_bench_outputs("data", args.json)
     return 0
 
 
 def cmd_bench_cp(args) -> int:
     from training.bench_cp import run_cp_bench
+    from training.plots import write_bench_outputs
 
     cfg = _load(args)
     run_cp_bench(cfg, args.cp, args.bank_frames, args.json, log=lambda s: print(s, flush=True))
     if args.json:
         print(f"wrote {args.json}")
+    write_bench_outputs("cp", args.json)
     return 0
 
 
@@ -197,8 +210,14 @@ def cmd_submit(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.weights:
+        return _eval_protocol(args)
     from training.evaluate import evaluate
 
+    if not args.clip or not args.runs:
+        print("decmem eval: give --weights W --data D (the protocol), or --clip C --runs DIR... (score "
+              "`decmem generate` outputs)", file=sys.stderr)
+        return 2
     try:
         res = evaluate(args.clip, args.runs, args.out, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol,
                        min_gap=args.min_gap)
@@ -207,6 +226,26 @@ def cmd_eval(args) -> int:
         return 2
     print(f"{res['revisit_count']} revisit frames of {res['generated_frames']} generated -> "
           f"{args.out}/report.md, eval.json, compare.mp4, revisits.png")
+    return 0
+
+
+def _eval_protocol(args) -> int:
+    from training.config import ConfigError
+    from training.eval_protocol import EvalArgs, run_eval
+
+    if not args.data or args.runs or args.clip:
+        print("decmem eval --weights needs --data and takes no --clip / --runs", file=sys.stderr)
+        return 2
+    ea = EvalArgs(weights=args.weights, data=args.data, init_frames=args.init_frames, frames=args.frames,
+                  strategies=args.strategies, clips=args.clips, sample_steps=args.steps or 0, seed=args.seed,
+                  device=args.device, min_gap=args.min_gap, revisit_coverage=args.revisit_coverage,
+                  overlap=args.overlap, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
+    try:
+        res = run_eval(ea, args.out, log=lambda s: print(s, flush=True))
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        print(f"decmem: {e}", file=sys.stderr)
+        return 2
+    print(open(res["paths"]["eval.md"]).read())
     return 0
 
 
@@ -421,18 +460,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to S seconds for the job to finish; exit 0 only if it completed")
     sb.set_defaults(func=cmd_submit)
 
-    ev = sub.add_parser("eval", help="score generate outputs against ground truth: revisit PSNR/SSIM, report",
-                        description="Compare each run's rollout.mp4 with the clip's frames; a revisit is a generated "
-                                    "frame whose camera is within --pos-tol and --angle-tol of an init frame's. "
-                                    "Writes compare.mp4, revisits.png, eval.json, report.md.")
-    ev.add_argument("--clip", required=True,
-                    help="canonical clip .npz, or a dataset / .tar shard (its first sample, or DATASET#KEY)")
-    ev.add_argument("--runs", nargs="+", required=True, metavar="DIR",
-                    help="`decmem generate` output folders, in table order")
+    ev = sub.add_parser("eval", help="revisit fidelity and retrieval recall of every strategy over many clips",
+                        description="Two forms. (1) The protocol: --weights W --data D: for each of --clips clips, "
+                                    "initialise the bank with --init-frames ground-truth latents, generate --frames "
+                                    "along the true camera path with every strategy, and score PSNR/SSIM on revisited "
+                                    "vs novel frames (depth + poses), recall@k of overlapping bank blocks, LPIPS if "
+                                    "its weights are cached. Writes eval.json, eval.md, frames.png, "
+                                    "retrieval_heatmap.png. (2) --clip C --runs DIR...: score existing `decmem "
+                                    "generate` outputs (revisit by pose); writes compare.mp4, revisits.png, "
+                                    "eval.json, report.md.")
+    ev.add_argument("--weights", default=None, help="(protocol) weights folder (model.safetensors + config.yaml)")
+    ev.add_argument("--data", default=None, help="(protocol) dataset folder / prefix / shard, local or s3://")
+    ev.add_argument("--init-frames", type=int, default=24, help="(protocol) latents given to the model")
+    ev.add_argument("--frames", type=int, default=16, help="(protocol) latents generated")
+    ev.add_argument("--strategies", type=_strategies, default=["decmem", "dense", "dense_decay", "fov_frames", "window"],
+                    help="(protocol) comma-separated strategies, in table order")
+    ev.add_argument("--clips", type=int, default=4, help="(protocol) clips evaluated, first in shard order")
+    ev.add_argument("--steps", type=int, default=0, help="(protocol) sampling steps (default: the weights')")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--revisit-coverage", type=float, default=0.5,
+                    help="(protocol) revisited: at least this share of the frame's pixels seen by an older init frame")
+    ev.add_argument("--overlap", type=float, default=0.25,
+                    help="(protocol) relevant bank block: at least this share of its pixels visible in the query view")
+    ev.add_argument("--clip", default=None,
+                    help="(runs) canonical clip .npz, or a dataset / .tar shard (its first sample, or DATASET#KEY)")
+    ev.add_argument("--runs", nargs="+", default=None, metavar="DIR",
+                    help="(runs) `decmem generate` output folders, in table order")
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--pos-tol", type=float, default=0.25,
-                    help="max camera-centre distance for a revisit (clip pose units)")
-    ev.add_argument("--angle-tol", type=float, default=20.0, help="max viewing-direction angle for a revisit (degrees)")
+                    help="max camera-centre distance for a pose revisit (clip pose units; protocol: clips without depth)")
+    ev.add_argument("--angle-tol", type=float, default=20.0, help="max viewing-direction angle for a pose revisit (degrees)")
     ev.add_argument("--min-gap", type=int, default=8,
                     help="the init frame revisited must be at least this many frames older (not the local window's)")
     ev.set_defaults(func=cmd_eval)

@@ -22,6 +22,23 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse <= 255.0 ** 2 * 1e-10 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def clip_inputs(clip: dict, codec, model, total: int, device="cpu"):
+    """The model's inputs for a clip's first ``total`` latent frames: latents [1, T', C, h, w], K [1, total, 3, 3]
+    and c2w [1, total, 4, 4] in latent pixels, actions [1, total, A] or None, and the pose scale applied."""
+    src = [codec.frame_index(i) for i in range(total)]
+    used = clip["frames"][: src[-1] + 1]
+    latents = codec.encode(used).unsqueeze(0).to(device)                               # [1, T', C, h, w]
+    H, W = used.shape[1:3]
+    h, w = latents.shape[-2:]
+    K = torch.from_numpy(clip["K"][src]).unsqueeze(0)
+    c2w = torch.from_numpy(clip["c2w"][src]).unsqueeze(0)
+    K, c2w, scale = clip_cameras(K, c2w, (H, W), (h, w))
+    K, c2w = K.float().to(device), c2w.float().to(device)
+    actions = torch.from_numpy(clip["actions"][src]).unsqueeze(0).float().to(device) if (
+        model.args.action_dim and "actions" in clip) else None
+    return latents, K, c2w, actions, scale
+
+
 def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_dir: str, strategy: str | None = None,
              steps: int | None = None, seed: int = 0, device: str = "cpu", teacher_forcing: bool = False,
              save_bank: str | None = None, progress: bool = True, overrides=()) -> dict:
@@ -40,17 +57,7 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
         raise ValueError(f"{clip_path}: {T} frames give {n_lat} latent frames with codec {wcfg.codec}; "
                          f"--init-frames {init_frames} + --frames {frames} needs {init_frames + frames} camera poses")
     total = init_frames + frames
-    src = [codec.frame_index(i) for i in range(total)]
-    used = clip["frames"][: src[-1] + 1]
-    latents = codec.encode(used).unsqueeze(0).to(device)                               # [1, T', C, h, w]
-    H, W = used.shape[1:3]
-    h, w = latents.shape[-2:]
-    K = torch.from_numpy(clip["K"][src]).unsqueeze(0)
-    c2w = torch.from_numpy(clip["c2w"][src]).unsqueeze(0)
-    K, c2w, scale = clip_cameras(K, c2w, (H, W), (h, w))
-    K, c2w = K.float().to(device), c2w.float().to(device)
-    actions = torch.from_numpy(clip["actions"][src]).unsqueeze(0).float().to(device) if (
-        model.args.action_dim and "actions" in clip) else None
+    latents, K, c2w, actions, scale = clip_inputs(clip, codec, model, total, device)
 
     bar = None
     if progress:

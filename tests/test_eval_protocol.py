@@ -1,0 +1,230 @@
+"""``decmem eval --weights``: depth/pose visibility against analytic scenes, recall@k on hand-made selections, and a
+CI-sized run of the whole protocol on rendered MiniWorld clips (JSON, tables and plots checked)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.blocks import BlockLayout
+from training.eval_protocol import METRICS, _recall, parse_tables
+from training.overlap import block_overlap, coverage, pixel_blocks, visible_in
+
+H = W = 24
+F = 12.0                                                      # focal length: horizontal FOV 2*atan(12/12) = 90 deg
+K = np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]])
+
+
+def _yaw(deg: float, pos=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """c2w of a camera at ``pos`` turned ``deg`` about the world y axis (OpenCV axes: +z forward)."""
+    a = np.radians(deg)
+    c2w = np.eye(4)
+    c2w[:3, :3] = [[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]
+    c2w[:3, 3] = pos
+    return c2w
+
+
+def _room_depth(c2w: np.ndarray, half: float = 5.0) -> np.ndarray:
+    """z-depth [H, W] of an axis-aligned box room [-half, half]^3 seen from inside, by ray casting."""
+    ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    d_cam = np.stack([(xs - K[0, 2]) / F, (ys - K[1, 2]) / F, np.ones_like(xs)], -1)   # z = 1 rays
+    d = d_cam @ c2w[:3, :3].T
+    o = c2w[:3, 3]
+    with np.errstate(divide="ignore"):
+        t = np.where(d > 0, (half - o) / d, np.where(d < 0, (-half - o) / d, np.inf)).min(-1)
+    return t                                                        # ray z component is 1: t is the z-depth
+
+
+def _rotation_reference(yaw_t: float, yaw_s: float) -> float:
+    """Share of camera t's pixels whose ray lands inside camera s's image: pure rotation, so no depth needed."""
+    ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    d = np.stack([(xs - K[0, 2]) / F, (ys - K[1, 2]) / F, np.ones_like(xs)], -1) @ _yaw(yaw_t)[:3, :3].T
+    p = d @ _yaw(yaw_s)[:3, :3]                                    # world -> camera s (R^T d, row vectors)
+    z = p[..., 2]
+    u, v = F * p[..., 0] / np.where(z > 0, z, 1) + K[0, 2], F * p[..., 1] / np.where(z > 0, z, 1) + K[1, 2]
+    return float(((z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H)).mean())
+
+
+def _clip(poses):
+    c2w = np.stack(poses)
+    return {"depth": np.stack([_room_depth(p) for p in c2w]), "K": np.tile(K, (len(poses), 1, 1)), "c2w": c2w}
+
+
+#################################################################################
+#                                  Visibility                                   #
+#################################################################################
+
+def test_same_view_sees_everything_and_opposite_view_nothing():
+    c = _clip([_yaw(0), _yaw(0), _yaw(180)])
+    assert visible_in(c["depth"][0], K, c["c2w"][0], c["depth"][1], K, c["c2w"][1]).all()
+    assert not visible_in(c["depth"][0], K, c["c2w"][0], c["depth"][2], K, c["c2w"][2]).any()
+
+
+@pytest.mark.parametrize("turn", [10.0, 30.0, 45.0, 70.0])
+def test_rotation_share_matches_the_homography_reference(turn):
+    c = _clip([_yaw(0), _yaw(turn)])                             # sources must be older than targets
+    got = coverage(c, [1], [0], rel_tol=0.05)[0]
+    # pixel-centre sampling of the depth lookup at the image border costs at most a column
+    assert got == pytest.approx(_rotation_reference(turn, 0), abs=1.5 / W)
+    assert 0 < got < 1
+
+
+def test_occluder_between_the_views_hides_what_poses_call_a_revisit():
+    # source camera at z=0 facing a wall 2 m away (depth 2 everywhere); the target stands behind that wall at z=3,
+    # facing the same way, and sees the far wall at z=10. Same direction, 3 m apart: visible by poses, not by depth.
+    src, tgt = _yaw(0, (0, 0, 0)), _yaw(0, (0, 0, 3))
+    near, far = np.full((H, W), 2.0), np.full((H, W), 7.0)
+    assert not visible_in(far, K, tgt, near, K, src).any()
+    # without the occluder the source sees the far wall (depth 10) and most of the target's view
+    open_view = visible_in(far, K, tgt, np.full((H, W), 10.0), K, src)
+    assert open_view.mean() > 0.4
+
+
+def test_coverage_counts_only_old_enough_sources_and_translation():
+    poses = [_yaw(0), _yaw(0, (0, 0, 1)), _yaw(90), _yaw(0, (1, 0, 0))]
+    c = _clip(poses)
+    cov = coverage(c, [3], [0, 1, 2], min_gap=0)[0]
+    assert cov > 0.5                                             # a sideways step still sees most of the wall
+    assert coverage(c, [3], [0, 1, 2], min_gap=3)[0] == pytest.approx(
+        coverage(c, [3], [0], min_gap=0)[0])                     # only frame 0 is >= 3 frames older
+    assert coverage(c, [2], [0], min_gap=0)[0] == pytest.approx(_rotation_reference(90, 0), abs=1.5 / W)
+
+
+def test_pixel_blocks_follow_the_model_tiling():
+    lay = BlockLayout(6, 6, 4)                                     # 6x6 tokens, 2x2 tiles -> 9 blocks
+    blocks = pixel_blocks(H, W, lay.h, lay.w, lay.tile)
+    tok = (np.arange(H)[:, None] * lay.h // H) * lay.w + np.arange(W)[None, :] * lay.w // W   # raster token
+    ref = (torch.argsort(lay.raster_to_block)[torch.from_numpy(tok)] // lay.block_size).numpy()
+    np.testing.assert_array_equal(blocks, ref)
+
+
+def test_block_overlap_after_a_turn():
+    # turning 45 deg right: the bank frame's right half stays in view, its left half leaves it
+    c = _clip([_yaw(0), _yaw(45)])
+    lay = BlockLayout(6, 6, 4)                                     # tiles of 2x2 tokens: 3 tile columns
+    frac = block_overlap(c, 0, 1, pixel_blocks(H, W, lay.h, lay.w, lay.tile), lay.blocks_per_frame).reshape(3, 3)
+    assert (frac[:, 0] == 0).all() and (frac[:, 2] == 1).all()
+    assert (0 < frac[:, 1]).all() and (frac[:, 1] < 1).all()
+
+
+#################################################################################
+#                                   Recall@k                                    #
+#################################################################################
+
+def test_recall_on_hand_made_selections():
+    n_b, old, t0 = 4, 2, 5                                        # 8 candidate blocks
+    rel = {5: np.array([1, 1, 0, 0, 0, 0, 0, 1], bool), 6: np.zeros(8, bool)}
+    # decmem: 1 head, 2 query frames x n_b query blocks, k = 2
+    sel = torch.tensor([[0, 7], [2, 3], [0, 9], [1, 4]] + [[0, 1]] * 4).view(1, 1, 8, 2)
+    valid = torch.ones_like(sel, dtype=torch.bool)
+    valid[0, 0, 3, 1] = False                                     # [1, (4)]: one valid pick
+    out = _recall([(sel, valid)], t0, 2, n_b, old, rel, budget=2)
+    scored = [e for e in out if e is not None]
+    assert len(out) == 8 and len(scored) == 4                     # frame 6 has no relevant block: not scored
+    assert scored[0] == (1.0, 1.0, 3 / 8)                         # both picks relevant
+    assert scored[1] == (0.0, 0.0, 3 / 8)
+    assert scored[2] == (0.5, 1.0, 3 / 8)                         # block 9 is no candidate: not a read
+    assert scored[3] == (0.5, 1.0, 3 / 8)                         # one valid pick, relevant
+    # fov_frames: one whole-chunk selection read by both query frames; budget = 1 frame x 4 blocks
+    fsel = torch.tensor([4, 5, 6, 7]).view(1, 1, 1, 4)
+    out = _recall([(fsel, torch.ones_like(fsel, dtype=torch.bool))], t0, 2, n_b, old, rel, budget=4)
+    assert out[0] == (1 / 3, 1 / 4, 3 / 8) and out[1] is None
+
+
+#################################################################################
+#                           The protocol, end to end                            #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalproto")
+    data = root / "data"
+    subprocess.run([sys.executable, "-m", "training.cli", "preprocess", "--format", "render",
+                    "scenes=1,frames=48,hw=16x16,seed=3", str(data), "--segment-frames", "24"],
+                   check=True, capture_output=True, text=True)
+    from model.dit import VideoDiT
+    from training.config import load_config
+    from training.run_config import RunConfig
+    from training.weights import save_weights
+
+    cfg = load_config(RunConfig, "configs/debug.yaml", [])
+    torch.manual_seed(0)
+    model = VideoDiT(cfg.model)
+    for p in model.parameters():                                  # untrained, but not the zero-init no-op
+        torch.nn.init.normal_(p, std=0.02)
+    save_weights(model, str(root / "weights"), cfg.diffusion)
+    return root, data
+
+
+def test_eval_protocol_end_to_end(rendered):
+    root, data = rendered
+    out = root / "eval"
+    strategies = ["decmem", "dense", "dense_decay", "fov_frames", "window"]
+    p = subprocess.run([sys.executable, "-m", "training.cli", "eval", "--weights", str(root / "weights"),
+                        "--data", str(data), "--init-frames", "8", "--frames", "6", "--clips", "2",
+                        "--strategies", ",".join(strategies), "--steps", "2", "--min-gap", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "eval.json").read_text())
+    assert len(res["clips"]) == 2 and res["sample_steps"] == 2
+    assert res["lpips"].startswith(("unavailable", "computed")) and res["fvd"].startswith("unavailable")
+    for c in res["clips"]:
+        assert c["revisit_rule"] == "depth" and len(c["revisit"]) == len(c["coverage"]) == 6
+        assert c["revisit"] == [v >= 0.5 for v in c["coverage"]]
+        assert set(c["strategies"]) == set(strategies)
+        for name in ("decmem", "fov_frames"):
+            row = c["strategies"][name]
+            assert 0 <= row["recall"] <= 1 and 0 <= row["precision"] <= 1 and 0 < row["chance"] < 1
+            assert np.asarray(row["heatmap"]).shape == (6, 14)
+        assert "recall" not in c["strategies"]["dense"]
+    # the summary is the mean over clips of per-clip means, recomputed here from the per-frame arrays
+    for name in strategies:
+        per_clip = []
+        for c in res["clips"]:
+            rev, psnr = np.asarray(c["revisit"]), np.asarray(c["strategies"][name]["psnr"])
+            per_clip.append(psnr[rev].mean() if rev.any() else None)
+        vals = [v for v in per_clip if v is not None]
+        got = res["summary"][name]["psnr_revisit"]
+        assert got["clips"] == len(vals)
+        if vals:
+            assert got["mean"] == pytest.approx(np.mean(vals), abs=1e-9)
+        assert res["summary"][name]["psnr_all"]["mean"] == pytest.approx(
+            np.mean([np.mean(c["strategies"][name]["psnr"]) for c in res["clips"]]), abs=1e-9)
+    tables = parse_tables((out / "eval.md").read_text())
+    for title, key, _ in METRICS:
+        if key == "lpips_all" and title not in tables:
+            continue                                               # written as one "not measured" line
+        want = ["decmem", "fov_frames"] if key in ("recall", "precision") else strategies
+        assert list(tables[title]) == want, title
+    assert tables["PSNR (dB), all generated frames"]["window"]["mean"] == pytest.approx(
+        res["summary"]["window"]["psnr_all"]["mean"], abs=0.006)
+    for png in ("frames.png", "retrieval_heatmap.png"):
+        img = Image.open(out / png)
+        img.verify()
+        assert img.size[0] >= 600 and img.size[1] >= 300
+    assert os.path.getsize(out / "frames.png") > 10_000
+
+
+def test_eval_protocol_without_depth_uses_the_pose_rule(rendered, tmp_path):
+    from data_pipeline.clip import iter_clip_sources, save_clip
+    from training.eval_protocol import EvalArgs, run_eval
+
+    root, data = rendered
+    clip = next(iter_clip_sources(str(data)))
+    clip.pop("depth")
+    save_clip(str(tmp_path / "clip.npz"), clip)
+    res = run_eval(EvalArgs(weights=str(root / "weights"), data=str(tmp_path / "clip.npz"), init_frames=8, frames=4,
+                            strategies=["window", "fov_frames"], clips=3, sample_steps=1, min_gap=2),
+                   str(tmp_path / "out"), log=lambda *a: None)
+    (c,) = res["clips"]                                              # one clip, though 3 were asked for
+    assert c["revisit_rule"] == "pose" and c["coverage"] is None and len(c["revisit"]) == 4
+    assert "recall" not in c["strategies"]["fov_frames"]              # no depth: relevance unknown, not guessed
+    assert res["summary"]["fov_frames"]["recall"]["clips"] == 0
+    assert "retrieval_heatmap.png" not in res["paths"]
+    with pytest.raises(ValueError, match="no clip has 40 latent frames"):
+        run_eval(EvalArgs(weights=str(root / "weights"), data=str(tmp_path / "clip.npz"), init_frames=30, frames=10,
+                          strategies=["window"]), str(tmp_path / "out2"))
