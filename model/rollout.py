@@ -54,7 +54,9 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
     out = [init_latents]
     res = Rollout(init_latents, N, bank=bank)
     t = N if bank is None else bank.frame_offset + bank.frames
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     while t < total:
+        sync()                                                         # time the chunk, not queued GPU work
         start = time.perf_counter()
         idx = torch.arange(t, t + C).clamp(max=K.shape[1] - 1)        # past the path's end: hold the last camera
         Kc, cc = K[:, idx], c2w[:, idx]
@@ -68,6 +70,7 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         else:
             bank.append(enc)
         out.append(x[:, :keep])
+        sync()
         res.chunk_seconds.append(time.perf_counter() - start)
         res.chunk_frames.append(keep)
         res.attended_tokens.append(int(stats["attended_tokens"]))

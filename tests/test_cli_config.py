@@ -96,3 +96,22 @@ def test_console_script_help():
     assert "bench" in r.stdout and "config" in r.stdout
     r = subprocess.run(cmd + ["bench", "attention", "--strategies", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown strategy" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["bench_gpu.yaml", "bench_generate_gpu.yaml"])
+def test_gpu_bench_configs_resolve_to_paper_scale(name):
+    from model.blocks import BlockLayout
+    from training.config import load_config
+    from training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, os.path.join(ROOT, "configs", name), [])
+    if name == "bench_gpu.yaml":
+        b = cfg.bench
+        assert (b.frame_h * b.frame_w, b.dim, b.n_heads, b.dtype, b.device) == (1560, 1024, 16, "bfloat16", "cuda")
+        grid = (b.frame_h, b.frame_w)
+    else:
+        b = cfg.bench_generate
+        assert (cfg.model.size, b.dtype, b.device) == ("B", "bfloat16", "cuda")
+        grid = (b.latent_h // cfg.model.patch_size, b.latent_w // cfg.model.patch_size)
+    assert grid[0] * grid[1] == 1560
+    BlockLayout(*grid, cfg.model.attention.block_size)          # the block size tiles the 30x52 token grid

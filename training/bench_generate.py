@@ -44,18 +44,23 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
         torch.set_num_threads(b.threads)
     torch.manual_seed(cfg.seed)
     args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
-    model = VideoDiT(args).eval()
+    dev, dtype = torch.device(b.device), getattr(torch, b.dtype)
+    model = VideoDiT(args).eval().to(dev, dtype)
     h, w = b.latent_h, b.latent_w
     C = args.chunk_frames
     n_new = C * (b.warmup_chunks + b.chunks)
     K, c2w = orbit_cameras(bank_frames + n_new, (h, w))
     c2w = relative_poses(c2w)
+    K, c2w = K.to(dev, dtype), c2w.to(dev, dtype)
     g = torch.Generator().manual_seed(cfg.seed)
-    init = torch.randn(1, bank_frames, args.latent_channels, h, w, generator=g)
+    init = torch.randn(1, bank_frames, args.latent_channels, h, w, generator=g).to(dev, dtype)
     with torch.no_grad():
         bank = model.encode_memory(init, K[:, :bank_frames], c2w[:, :bank_frames])
     rss_before = _current_rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     diff = DiffusionArgs(sample_steps=b.sample_steps)
+    g = torch.Generator(device=dev).manual_seed(cfg.seed)
     res = rollout(model, diff, init, K, c2w, n_new, generator=g, bank=bank)
     per_chunk = [s / n for s, n in zip(res.chunk_seconds, res.chunk_frames)][b.warmup_chunks:]
     return {
@@ -66,7 +71,9 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
         "peak_rss_mb": _rss_mb(), "rss_before_generation_mb": rss_before,
         "model_size": args.size, "dim": args.dim, "depth": args.depth, "chunk_frames": C,
         "sample_steps": b.sample_steps, "latent_hw": [h, w], "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "device": str(dev), "dtype": b.dtype,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }
 
 

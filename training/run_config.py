@@ -56,11 +56,15 @@ class GenerateBenchArgs:
     chunks: int = 3                  # timed chunks per point (the median per latent is reported)
     warmup_chunks: int = 1
     threads: int = 0
+    dtype: str = "float32"           # bfloat16 on a GPU
+    device: str = "cpu"
 
     def __post_init__(self):
         for key in ("latent_h", "latent_w", "sample_steps", "chunks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
 
 
 @register_root
