@@ -10,6 +10,18 @@ batches n+1, n+2, ... of the uninterrupted run.
 
 Context-parallel ranks of one group must be built with the same ``dp_rank``
 (``rank // cp``): they then see identical samples.
+
+Faults: a shard that is corrupt, truncated or missing is skipped and counted
+(``stats["corrupt_shards"]``, ``"missing_shards"``): the data is bad and no
+retry will mend it. An error of the storage itself (connection refused or
+reset, time-out, 5xx, throttling: ``storage.is_transient``) is retried with
+exponential backoff (at most ``read_attempts`` tries, waits doubling from
+``read_retry_initial_s``, giving up ``read_retry_max_wait_s`` after the first
+failure) and counted in ``stats["read_retries"]``; the shard is reopened on a
+fresh filesystem object and read on from the first sample not yet produced, so
+the samples and their order are those of an uninterrupted pass. When the
+budget is spent the loader raises ``StorageUnavailableError`` naming the URL,
+the tries and the last error.
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ import logging
 import queue
 import tarfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -46,13 +59,72 @@ class DataArgs:
     seed: int = 0
     interleave: int = 4              # shards read round robin at a time
     prefetch: int = 4                # samples decoded ahead in a background thread (0: decode on demand)
+    read_attempts: int = 6           # tries of one read when the storage fails (connection, time-out, 5xx); 1: no retry
+    read_retry_initial_s: float = 2.0     # first wait between tries; doubles after each failed try
+    read_retry_max_wait_s: float = 60.0   # give up this many seconds after the read first failed (waits and tries)
 
     def __post_init__(self):
-        for key in ("clip_frames", "target_chunks", "batch_size", "interleave"):
+        for key in ("clip_frames", "target_chunks", "batch_size", "interleave", "read_attempts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
-        if self.min_context < 0 or self.prefetch < 0:
-            raise ValueError("min_context: expected >= 0" if self.min_context < 0 else "prefetch: expected >= 0")
+        for key in ("min_context", "prefetch", "read_retry_initial_s", "read_retry_max_wait_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: expected >= 0, got {getattr(self, key)!r}")
+
+
+class StorageUnavailableError(RuntimeError):
+    """The storage kept failing through every retry: an outage, not bad data (which is skipped instead)."""
+
+
+class _LoaderClosed(Exception):
+    """``close()`` interrupted a retry wait of the producer thread."""
+
+
+# Errors of the bytes of a shard (webdataset / tarfile on a truncated or garbled stream): skip, do not retry.
+_DATA_ERRORS = (tarfile.TarError, EOFError, ValueError, KeyError)
+
+
+class _Retry:
+    """The retry budget of one read: ``failed(exc)`` waits before the next try, or raises when it is spent.
+
+    Waits double from ``read_retry_initial_s``; the read gives up after ``read_attempts`` tries or once
+    ``read_retry_max_wait_s`` have passed since its first failure, whichever comes first. The clock includes
+    the failed tries themselves (s3fs and botocore retry inside each, several seconds against a refused
+    connection), so the budget bounds how long training can stall on an outage.
+    """
+
+    def __init__(self, args: DataArgs, what: str, stats: dict | None, stop: threading.Event | None):
+        self.args, self.what, self.stats, self.stop = args, what, stats, stop
+        self.reset()
+
+    def reset(self) -> None:
+        """The read made progress: a later failure starts a fresh budget."""
+        self.tries, self.t0 = 0, None
+
+    def failed(self, exc: BaseException, where: str = "") -> None:
+        """Count a failed try of the read; wait before the next, or raise StorageUnavailableError if none is left."""
+        a = self.args
+        self.tries += 1
+        now = time.monotonic()
+        self.t0 = now if self.t0 is None else self.t0
+        left = a.read_retry_max_wait_s - (now - self.t0)
+        error = f"{type(exc).__name__}: {storage.scrub(str(exc))}"
+        if self.tries >= a.read_attempts or left <= 0:
+            raise StorageUnavailableError(
+                f"{storage.scrub(self.what)}: still failing after {self.tries} attempts over {now - self.t0:.1f} s "
+                f"since the first failure (data.read_attempts={a.read_attempts}, data.read_retry_max_wait_s="
+                f"{a.read_retry_max_wait_s:g}); the storage is unreachable or failing, the data was not skipped. "
+                f"Last error: {error}") from None
+        wait = min(a.read_retry_initial_s * 2 ** (self.tries - 1), left)
+        if self.stats is not None:
+            self.stats["read_retries"] = self.stats.get("read_retries", 0) + 1
+            self.stats["read_retry_wait_s"] = self.stats.get("read_retry_wait_s", 0.0) + wait
+        log.warning("reading %s%s failed (%s); retry %d of %d in %.1f s", storage.scrub(self.what), where, error,
+                    self.tries, a.read_attempts - 1, wait)
+        if self.stop is None:
+            time.sleep(wait)
+        elif self.stop.wait(wait):               # the loader is being closed: do not keep it waiting
+            raise _LoaderClosed()
 
 
 def resolve_shards(data: str) -> list[str]:
@@ -81,7 +153,15 @@ class ShardLoader:
     def __init__(self, args: DataArgs, chunk_frames: int, dp_rank: int = 0, dp_size: int = 1):
         self.args, self.C = args, chunk_frames
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.urls = resolve_shards(args.data)
+        retry = _Retry(args, args.data, None, None)
+        while True:                  # the manifest may sit on the same storage as the shards: same retries
+            try:
+                self.urls = resolve_shards(args.data)
+                break
+            except Exception as e:
+                if not storage.is_transient(e):
+                    raise
+                retry.failed(e)
         if len(self.urls) < dp_size:
             raise ValueError(f"{args.data}: {len(self.urls)} shards cannot feed {dp_size} data-parallel ranks "
                              "(each needs at least one); preprocess with a smaller --shard-bytes")
@@ -89,13 +169,21 @@ class ShardLoader:
             raise ValueError(f"clip_frames={args.clip_frames} leaves no room for min_context={args.min_context} "
                              f"plus a target chunk of {chunk_frames} frames")
         self._cursor = {"epoch": 0, "group": 0, "pos": [0] * args.interleave, "turn": 0, "batches": 0}
-        self.stats = {"samples": 0, "bad_samples": 0, "short_samples": 0, "corrupt_shards": 0, "corrupt_urls": []}
+        self.stats = self.new_stats()
         self._thread = self._queue = self._stop = None
         self._gen = None
 
     # ----------------------------------------------------------------------------
     # State
     # ----------------------------------------------------------------------------
+
+    @staticmethod
+    def new_stats() -> dict:
+        """Cumulative counts: samples produced; samples skipped as bad or short; shards skipped as unreadable
+        (``corrupt_shards``: corrupt, truncated or missing; ``missing_shards``: of those, the ones not found;
+        ``corrupt_urls``: the last 20); storage failures retried (``read_retries``) and seconds waited for them."""
+        return {"samples": 0, "bad_samples": 0, "short_samples": 0, "corrupt_shards": 0, "missing_shards": 0,
+                "corrupt_urls": [], "read_retries": 0, "read_retry_wait_s": 0.0}
 
     def state_dict(self) -> dict:
         return {"cursor": json.loads(json.dumps(self._cursor)), "stats": json.loads(json.dumps(self.stats)),
@@ -108,7 +196,7 @@ class ShardLoader:
                                  "the sample order would differ, so it cannot resume exactly")
         self.close()
         self._cursor = json.loads(json.dumps(state["cursor"]))
-        self.stats = json.loads(json.dumps(state["stats"]))
+        self.stats = {**self.new_stats(), **json.loads(json.dumps(state["stats"]))}   # older states lack new keys
 
     def close(self) -> None:
         self._gen = None
@@ -163,8 +251,9 @@ class ShardLoader:
         if self._thread is None:
             self._start()
         got = self._queue.get()
-        if isinstance(got, BaseException):
-            raise got
+        if isinstance(got[2], BaseException):
+            self.stats = got[1]                  # the retries that led to the failure count too
+            raise got[2]
         cursor, stats, item = got
         self._cursor.update(cursor)
         self.stats = stats
@@ -187,8 +276,8 @@ class ShardLoader:
                             pass
                     if self._stop.is_set():
                         return
-            except BaseException as e:  # surface the producer's failure at the consumer
-                self._queue.put(e)
+            except BaseException as e:  # surface the producer's failure (and its stats) at the consumer
+                self._queue.put((None, json.loads(json.dumps(stats)), e))
 
         self._thread = threading.Thread(target=run, daemon=True, name=f"decmem-loader-{self.dp_rank}")
         self._thread.start()
@@ -238,18 +327,41 @@ class ShardLoader:
             epoch, group, pos, turn = epoch + 1, 0, [0] * n_i, 0
 
     def _open(self, url: str, skip: int, stats: dict):
-        """(key, members) of one shard from its ``skip``-th sample on; a corrupt or missing shard is counted, not fatal."""
+        """(key, members) of one shard from its ``skip``-th sample on.
+
+        A corrupt or missing shard ends early, counted, not fatal. A storage failure is retried (``_Retry``):
+        the shard is reopened on a fresh filesystem object (nothing cached from before the failure: no
+        pooled connection, listing or endpoint) and re-read up to the first sample not yet produced. Samples
+        come whole out of ``group_by_keys`` (a sample is yielded once the next one starts, or at the end),
+        so the ones produced before the failure are exactly the ones to skip.
+        """
+        retry = _Retry(self.args, url, stats, self._stop)
+
         def samples():
-            try:
-                with storage.open_read(url) as f:
-                    files = (dict(e, __url__=url) for e in tar_file_iterator(f))
-                    for n, s in enumerate(group_by_keys(files, lcase=False)):
-                        if n >= skip:
-                            yield s["__key__"], s
-            except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
-                stats["corrupt_shards"] += 1
-                stats["corrupt_urls"] = (stats["corrupt_urls"] + [url])[-20:]
-                log.warning("skipping the rest of shard %s: %s", url, e)
+            done = skip                                         # samples of this shard produced (or skipped)
+            while True:
+                try:
+                    with storage.open_read(url, fresh=retry.tries > 0) as f:
+                        files = (dict(e, __url__=url) for e in tar_file_iterator(f))
+                        for n, s in enumerate(group_by_keys(files, lcase=False)):
+                            if n >= done:
+                                done = n + 1
+                                retry.reset()
+                                yield s["__key__"], s
+                    return
+                except Exception as e:
+                    missing = storage.is_missing(e)
+                    if not missing and not isinstance(e, _DATA_ERRORS):
+                        if not storage.is_transient(e):
+                            raise                               # neither storage nor data: a bug, show it
+                        retry.failed(e, f" at sample {done}")
+                        continue
+                    stats["corrupt_shards"] += 1
+                    stats["missing_shards"] = stats.get("missing_shards", 0) + int(missing)
+                    stats["corrupt_urls"] = (stats["corrupt_urls"] + [url])[-20:]
+                    log.warning("skipping %s shard %s after %d samples: %s", "missing" if missing else "corrupt",
+                                url, done, storage.scrub(f"{type(e).__name__}: {e}"))
+                    return
         return samples()
 
     def _decode(self, key: str, raw: dict, epoch: int, stats: dict) -> dict | None:

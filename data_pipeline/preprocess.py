@@ -24,6 +24,10 @@ from data_pipeline.transforms import resize_clip, segments, subsample_fps, take_
 from data_pipeline.video import encode_mp4_bytes
 
 
+class BadInputError(ValueError):
+    """An input could not be read and ``strict`` is set; the message names the input, the file and the problem."""
+
+
 @dataclass
 class PreprocessArgs:
     """How source clips become shards."""
@@ -166,7 +170,8 @@ def preprocess(input_spec: str, output: str, args: PreprocessArgs, progress: boo
             desc = by_id[res["id"]]
             if "error" in res:
                 if args.strict:
-                    raise ValueError(f"input {res['id']}: {res['error']}")
+                    sink.flush()             # publish what is done, so a re-run after the fix resumes from it
+                    raise BadInputError(f"input {res['id']}: {res['error']}")
                 manifest.skip(res["id"], desc, res["error"])
                 manifest.save()
             else:

@@ -19,6 +19,8 @@ Extra keys: ``frame_timestamps_us`` int64 [T], ``missing`` int64 [M], ``distorti
 Discovery: ``find_inputs(root)`` lists every ``root/**/<clip>.txt`` whose first line is a single token
 (the URL), so READMEs and other text files are skipped; the video is ``root/videos/<clip>.{mp4,webm,mkv}``,
 else ``<clip>.{mp4,webm,mkv}`` next to the txt, else ``None`` (``read`` then raises FileNotFoundError).
+A video that no camera file claims is listed too, with ``poses=None`` and id ``<path>_<ext>``, so that
+``read`` raises FileNotFoundError for it and preprocessing records it as skipped instead of ignoring it.
 """
 from __future__ import annotations
 
@@ -54,13 +56,23 @@ def _find_video(root: str, txt: str) -> str | None:
 
 
 def find_inputs(root: str) -> list[dict]:
-    """List pose files under ``root`` with their videos: [{"id", "poses", "video"}] sorted by id."""
+    """List pose files under ``root`` with their videos, and videos without one: [{"id", "poses", "video"}] by id."""
     out = []
     for txt in walk_files(root, ".txt"):
         line = _first_line(txt)
         if not line or len(line.split()) != 1:                 # not a camera file (no URL line)
             continue
         out.append({"id": make_id(root, txt), "poses": txt, "video": _find_video(root, txt)})
+    stems = {os.path.splitext(os.path.basename(d["poses"]))[0] for d in out}
+    txts = {d["poses"] for d in out}
+    videos_dir = os.path.join(root, "videos")
+    for ext in VIDEO_EXTS:
+        for video in walk_files(root, ext):
+            stem = os.path.splitext(os.path.basename(video))[0]
+            paired = (stem in stems if os.path.dirname(video) == videos_dir
+                      else os.path.join(os.path.dirname(video), stem + ".txt") in txts)
+            if not paired:                                     # the extension keeps x.mp4 / x.webm apart
+                out.append({"id": f"{make_id(root, video)}_{ext[1:]}", "poses": None, "video": video})
     return unique_ids(out, "poses")
 
 
@@ -120,9 +132,14 @@ def _is_float(s: str) -> bool:
 
 def read(desc: dict) -> dict:
     """Read one clip described by ``find_inputs`` -> validated canonical clip."""
-    path = desc["poses"]
-    p = parse_poses(path)
+    path = desc.get("poses")
     video = desc.get("video")
+    if not path:
+        stem = os.path.splitext(os.path.basename(video or "?"))[0]
+        raise FileNotFoundError(f"{video}: no camera file for this video; expected {stem}.txt (first line the URL, "
+                                f"then one line of {N_COLS} numbers per frame) next to it, or anywhere under the "
+                                "input folder for a video in videos/")
+    p = parse_poses(path)
     if not video:
         raise FileNotFoundError(f"{path}: no video found for this clip (looked for videos/<clip> and next to "
                                 f"the txt with extensions {', '.join(VIDEO_EXTS)})")
