@@ -371,6 +371,7 @@ def test_preprocess_cli_records_bad_inputs_and_strict_stops_at_the_first(re10k_i
                     str(tmp_path / "strict"))
     assert strict.returncode != 0
     assert f"input c_badcols: {reasons['c_badcols']}" in strict.stderr, strict.stderr[-2000:]
+    assert "Traceback" not in strict.stderr and strict.returncode == 1                  # one line, not a trace
     assert "d_badnum" not in strict.stderr                                # stopped at the first bad input
     # what was done before the failure is published: a run without --strict resumes from it
     done = json.loads((tmp_path / "strict" / "manifest.json").read_text())
@@ -379,3 +380,21 @@ def test_preprocess_cli_records_bad_inputs_and_strict_stops_at_the_first(re10k_i
                    str(tmp_path / "strict"))
     assert again.returncode == 0 and "2 already done or skipped, 5 to do" in again.stdout, again.stdout
     assert json.loads((tmp_path / "strict" / "manifest.json").read_text())["skipped"] == m["skipped"]
+
+
+def test_train_with_the_storage_down_exits_with_one_clear_line(small_shards, s3_env, tmp_path):
+    """`decmem train` whose s3:// data stays unreachable: exit 7 within the retry budget, one line, no secret."""
+    upload(small_shards, f"s3://{BUCKET}/ds")
+    s3_env.send("stop")
+    env = dict(os.environ, AWS_MAX_ATTEMPTS="1")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "training.cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
+                        "data.read_attempts=3", "data.read_retry_initial_s=0.2", "data.read_retry_max_wait_s=3",
+                        f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    assert p.returncode == 7, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("decmem: ") and f"s3://{BUCKET}/ds" in last and "3 attempts" in last, last
+    assert "resume with checkpoint.resume=latest" in last and "Traceback" not in p.stderr
+    assert SECRET not in p.stderr + p.stdout and KEY_ID not in p.stderr + p.stdout
+    assert took < 120

@@ -103,13 +103,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from data_pipeline.preprocess import PreprocessArgs, parse_resolution, parse_size, preprocess
+    from data_pipeline.preprocess import BadInputError, PreprocessArgs, parse_resolution, parse_size, preprocess
 
     pargs = PreprocessArgs(format_name=args.format, resolution=parse_resolution(args.resolution), fps=args.fps,
                            segment_frames=args.segment_frames, shard_bytes=parse_size(args.shard_bytes),
                            codec=args.codec, workers=args.workers, strict=args.strict,
                            min_segment_frames=args.min_segment_frames, deterministic=not args.fast_encode)
-    m = preprocess(args.input, args.output, pargs, progress=not args.quiet)
+    try:
+        m = preprocess(args.input, args.output, pargs, progress=not args.quiet)
+    except BadInputError as e:           # --strict: the first bad input's reason, as one line
+        print(f"decmem: {e} (--strict stops at the first bad input; inputs finished before it are published)",
+              file=sys.stderr)
+        return 1
     return 0 if m["samples"] or not m["skipped"] else 1
 
 
@@ -169,6 +174,8 @@ def cmd_train(args) -> int:
             return 2
         rc = launch_local(args.nproc, ["train", args.config, *args.overrides])
         return rc or _stopped_early(cfg)
+    from data_pipeline.loader import StorageUnavailableError
+    from training.distributed import RunFailed
     from training.trainer import NonFiniteLoss, train
 
     try:
@@ -176,6 +183,13 @@ def cmd_train(args) -> int:
     except NonFiniteLoss as e:
         print(f"decmem: {e}", file=sys.stderr)
         return 4
+    except StorageUnavailableError as e:   # the data storage stayed down past data.read_retry_max_wait_s
+        print(f"decmem: {e}; resume with checkpoint.resume=latest once it is back", file=sys.stderr)
+        return 7
+    except RunFailed as e:        # a failed save, a refused checkpoint, a lost rank: one line instead of a traceback
+        if not (e.on_every_rank and env_rank_world()[0] != 0):
+            print(f"decmem: {e}", file=sys.stderr)
+        return e.exit_code
     if inside:            # a rank's non-zero exit would make the launcher kill the others: report it from the parent
         return 0
     return 0 if outcome == "done" else 3                             # 3: stopped (signal or stop_at) after saving

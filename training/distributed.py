@@ -9,6 +9,8 @@ Launchers and what they export:
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import sys
 import warnings
@@ -72,8 +74,81 @@ def init_distributed(device: str, timeout_s: int) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+class RunFailed(RuntimeError):
+    """A rank's run ended on a failure it can state in one line (no traceback): ``decmem train`` prints it, exits
+    with ``exit_code``."""
+
+    exit_code = 1
+    on_every_rank = False        # every rank raised the same message (agreed): only rank 0 prints it
+
+
+class PeerLost(RunFailed):
+    """A collective failed because another rank of the job is gone (killed, crashed): this rank stops too."""
+
+    exit_code = 6                # tells the launcher this rank stopped because of another one (see describe_failures)
+
+
+# what gloo (and NCCL, with its async error handling) say when the other end of a collective disappeared
+_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
+
+
+def peer_lost(e: BaseException, rank: int) -> PeerLost | None:
+    """A PeerLost in place of a collective's error when that error means another rank died, else None."""
+    text = str(e)
+    if isinstance(e, RuntimeError) and any(s in text for s in _PEER_LOSS):
+        first = text.strip().splitlines()[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]   # gloo's source location, advice
+        return PeerLost(f"rank {rank}: another rank of the job is gone ({first[:160]}); stopping. The launcher "
+                        "names the rank that failed first.")
+    return None
+
+
+def _consequence(f) -> bool:
+    """A rank that stopped because another failed: the launcher SIGTERMed it, or it lost a peer (PeerLost)."""
+    return f.exitcode in (-signal.SIGTERM, PeerLost.exit_code)
+
+
+def describe_failures(failures: dict) -> str:
+    """One line from torchrun's per-rank failures: which ranks failed and how, the cause(s) first.
+
+    Ranks that only stopped because another one failed (SIGTERMed by the launcher, or exit code 6: PeerLost) come
+    last, as consequences, so the line names the rank that was killed or crashed whichever the agent noticed first.
+    """
+    def how(f) -> str:
+        if f.exitcode < 0:
+            try:
+                name = signal.Signals(-f.exitcode).name
+            except ValueError:
+                name = "unknown signal"
+            return f"was killed by signal {-f.exitcode} ({name})"
+        return f"exited with code {f.exitcode}"
+
+    ranks = sorted(failures)
+    causes = [r for r in ranks if not _consequence(failures[r])] or ranks
+    others = [r for r in ranks if r not in causes]
+    line = "; ".join(f"rank {r} (pid {failures[r].pid}) {how(failures[r])}" for r in causes)
+    if others:
+        line += "; then " + ", ".join(f"rank {r} (pid {failures[r].pid})" for r in others) + " stopped as a result"
+    return line
+
+
+def failure_exit_code(failures: dict) -> int:
+    """The ranks' own exit code when every failed rank (consequences aside) exited with the same one (4: non-finite
+    loss, 5: a checkpoint error, ...), else 1 (a signal, or mixed codes)."""
+    codes = {f.exitcode for f in failures.values() if not _consequence(f)}
+    return codes.pop() if len(codes) == 1 and min(codes, default=0) > 0 else 1
+
+
 def launch_local(nproc: int, argv: list[str]) -> int:
-    """Run ``decmem <argv>`` in nproc local processes under torchrun's agent (a dead rank stops the others)."""
+    """Run ``decmem <argv>`` in nproc local processes under torchrun's agent (a dead rank stops the others).
+
+    The agent notices a dead worker within its monitor interval (0.1 s) and SIGTERMs the rest; a survivor blocked
+    in a collective with the dead rank gets gloo's "connection closed" at once and exits (PeerLost). On failure this
+    prints one line naming the rank(s) that failed and how, e.g. ``rank 1 (pid 123) was killed by signal 9
+    (SIGKILL)``, instead of the agent's multi-line report.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
@@ -81,7 +156,10 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(args)
-    except Exception as e:  # torchrun's ChildFailedError carries each failed rank's exit code and traceback
-        print(f"decmem: training failed: {e}", file=sys.stderr)
+    except ChildFailedError as e:
+        print(f"decmem: training failed: {describe_failures(e.failures)}", file=sys.stderr, flush=True)
+        return failure_exit_code(e.failures)
+    except Exception as e:  # the agent itself failed (rendezvous, spawning): its own message
+        print(f"decmem: training failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

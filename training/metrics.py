@@ -42,7 +42,10 @@ class MetricLogger:
         self.writer = self.bar = self.jsonl = None
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")   # the same numbers, machine-readable
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if start_step:
+                drop_rows_after(path, start_step)
+            self.jsonl = open(path, "a")             # the same numbers, machine-readable
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step or None)
@@ -94,3 +97,31 @@ class MetricLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of steps after ``step`` from a metrics.jsonl -> how many were removed.
+
+    On resume they belong to steps a killed run took after its last checkpoint, which are taken again now: like
+    TensorBoard's purge_step, this keeps one row per step. An unreadable (torn last) line is dropped too.
+    """
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if row_step <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return dropped

@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import VideoDiT
-from training.faults import maybe_fail, maybe_nan
+from training.faults import maybe_fail, maybe_kill, maybe_nan
 
 log = logging.getLogger("decmem.train")
 
@@ -219,9 +219,15 @@ class Trainer:
 
     @staticmethod
     def _init_from(model: VideoDiT, weights_dir: str) -> None:
+        from training.checkpoint import CheckpointRefused
         from training.weights import load_weights
 
-        src, wcfg = load_weights(weights_dir)
+        try:
+            src, wcfg = load_weights(weights_dir)
+        except (ValueError, FileNotFoundError) as e:   # a changed or unreadable file: one line, on every rank alike
+            err = CheckpointRefused(f"checkpoint.init_weights={weights_dir}: {e}")
+            err.on_every_rank = True
+            raise err from None
         if wcfg.model != model.args:
             raise ValueError(f"checkpoint.init_weights={weights_dir}: its model config differs from model.* of this run")
         model.load_state_dict(src.state_dict())
@@ -280,6 +286,7 @@ class Trainer:
             loss, stats = self.engine(mb["latents"], mb["K"], mb["c2w"], mb["chunk_starts"], gens, mb.get("actions"),
                                       self.ctx, with_stats and i == len(micro_batches) - 1)
             loss = maybe_nan(loss, self.rank, self.state.step + 1)
+            maybe_kill(self.rank, self.state.step + 1)
             if not self._all_finite(loss):
                 # DeepSpeed checks gradients for overflow only in fp16; in fp32/bf16 one NaN would reach the weights
                 self.state.step += 1
@@ -310,7 +317,8 @@ class Trainer:
         if self.ctx is not None:
             scalars["cp/bytes_per_step"] = float(sum(self.ctx.bytes_moved().values()))
         ls = self.loader.stats                           # cumulative counts of what the loader skipped
-        for key in ("bad_samples", "short_samples", "corrupt_shards"):
+        for key in ("bad_samples", "short_samples", "corrupt_shards", "missing_shards", "read_retries",
+                    "read_retry_wait_s"):
             scalars[f"data/{key}"] = float(ls.get(key, 0))
         return scalars, stats
 
@@ -413,17 +421,27 @@ class Trainer:
     # Exports and pictures (rank 0 writes; gathering weights is collective)
     # ----------------------------------------------------------------------------
 
-    def export_weights(self, ckpt_dir: str) -> None:
-        """Collective: step-N/weights/ (and weights-ema/) in the `decmem generate` format."""
+    def export_weights(self, ckpt_dir: str) -> list[str]:
+        """Collective: step-N/weights/ (and weights-ema/) in the `decmem generate` format -> write errors (rank 0).
+
+        A failed write (a full disk) is reported, not raised: every rank must still take part in the next gather.
+        """
+        from training.checkpoint import describe_write_error
         from training.weights import save_weights
 
+        errors = []
         for sub, ema in (("weights", None), ("weights-ema", self.ema)):
             if sub == "weights-ema" and ema is None:
                 continue
             sd = gather_state_dict(self.engine.module, self.rank, ema)
-            if self.rank == 0:
-                save_weights(self.engine.module.model, os.path.join(ckpt_dir, sub), self.cfg.diffusion,
-                             codec=self._codec, frame_hw=self._frame_pixels(), state_dict=sd)
+            if self.rank == 0 and not errors:
+                out = os.path.join(ckpt_dir, sub)
+                try:
+                    save_weights(self.engine.module.model, out, self.cfg.diffusion,
+                                 codec=self._codec, frame_hw=self._frame_pixels(), state_dict=sd)
+                except Exception as e:
+                    errors.append(describe_write_error(os.path.join(out, "model.safetensors"), e))
+        return errors
 
     @functools.cached_property
     def _codec(self) -> str:
@@ -496,33 +514,45 @@ class Trainer:
 
 def train(cfg) -> str:
     """Run (or resume) one training job in this process, as one rank of the launcher's world."""
-    import yaml
-
-    from training.config import dump_config, to_dict
-    from training.distributed import init_distributed, resolve_device
+    from training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
 
     device = resolve_device(cfg.train.device)
     rank, _, world = init_distributed(device, cfg.train.timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
     try:
-        from training.dry_run import validate
-
-        validate(cfg, world)
-        trainer = Trainer(cfg, rank, world, device)
-        resumed = trainer.restore()
-        if rank == 0:
-            path = os.path.join(cfg.run_dir, "config.yaml")
-            if os.path.exists(path):              # a resume with a changed config keeps the old one beside it
-                with open(path) as f:
-                    if yaml.safe_load(f) != to_dict(cfg):
-                        os.replace(path, os.path.join(cfg.run_dir, f"config.before-step-{trainer.state.step}.yaml"))
-            dump_config(cfg, path)
-            lay = trainer.layout
-            log.info("world %d = dp %d x cp %d, %s on %s, %s", world, lay.dp, lay.cp, trainer.precision, device,
-                     f"resumed from {resumed} at step {trainer.state.step}" if resumed else "fresh start")
-        trainer.install_signal_handlers()
-        return trainer.fit()
+        return _train(cfg, rank, world, device)
+    except RunFailed:
+        raise
+    except RuntimeError as e:             # a collective failed because another rank died: say so in one line
+        lost = peer_lost(e, rank)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(cfg, rank: int, world: int, device: str) -> str:
+    """Build the trainer, resume, dump the config (rank 0) and fit."""
+    import yaml
+
+    from training.config import dump_config, to_dict
+    from training.dry_run import validate
+
+    validate(cfg, world)
+    trainer = Trainer(cfg, rank, world, device)
+    resumed = trainer.restore()
+    if rank == 0:
+        path = os.path.join(cfg.run_dir, "config.yaml")
+        if os.path.exists(path):              # a resume with a changed config keeps the old one beside it
+            with open(path) as f:
+                if yaml.safe_load(f) != to_dict(cfg):
+                    os.replace(path, os.path.join(cfg.run_dir, f"config.before-step-{trainer.state.step}.yaml"))
+        dump_config(cfg, path)
+        lay = trainer.layout
+        log.info("world %d = dp %d x cp %d, %s on %s, %s", world, lay.dp, lay.cp, trainer.precision, device,
+                 f"resumed from {resumed} at step {trainer.state.step}" if resumed else "fresh start")
+    trainer.install_signal_handlers()
+    return trainer.fit()

@@ -1,6 +1,11 @@
-"""Inference weights: one self-describing folder, ``model.safetensors`` + ``config.yaml``, loaded without pickle."""
+"""Inference weights: one self-describing folder, ``model.safetensors`` + ``config.yaml``, loaded without pickle.
+
+config.yaml records the sha256 of model.safetensors: a file changed after it was written (corrupted, or values
+edited) is refused by name instead of loading silently different weights.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -22,6 +27,7 @@ class WeightsConfig:
     frame_hw: list[int] = field(default_factory=lambda: [0, 0])  # frame size the codec was fed (0 = any)
     model: ModelArgs = field(default_factory=ModelArgs)
     diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
+    sha256: str = ""                      # of model.safetensors, written with it ("" in older folders: not checked)
 
 
 def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None = None, codec: str = "pixels",
@@ -34,7 +40,8 @@ def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None 
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT})
-    cfg = WeightsConfig(codec=codec, frame_hw=list(frame_hw), model=model.args, diffusion=diffusion or DiffusionArgs())
+    cfg = WeightsConfig(codec=codec, frame_hw=list(frame_hw), model=model.args, diffusion=diffusion or DiffusionArgs(),
+                        sha256=file_sha256(tmp))
     dump_config(cfg, os.path.join(out_dir, "config.yaml.tmp"))
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     os.replace(os.path.join(out_dir, "config.yaml.tmp"), os.path.join(out_dir, "config.yaml"))
@@ -72,5 +79,18 @@ def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=
         if shapes:
             lines.append("  shape mismatches: " + "; ".join(shapes[:8]))
         raise ValueError("\n".join(lines))
+    if cfg.sha256:                        # after the structure checks: their messages say more when both fail
+        got = file_sha256(st_path)
+        if got != cfg.sha256:
+            raise ValueError(f"{st_path}: refused: its sha256 {got[:16]}... differs from the one recorded in {cfg_path} "
+                             f"when it was written ({cfg.sha256[:16]}...): the file was modified or corrupted since")
     model.load_state_dict(sd, strict=True)
     return model.to(device, dtype).eval(), cfg
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
