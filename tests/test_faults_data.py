@@ -190,7 +190,8 @@ def test_s3_down_past_the_limit_is_a_clear_error_not_a_hang_or_a_skip(small_shar
     import s3fs
 
     upload(small_shards, f"s3://{BUCKET}/ds")
-    loader = ShardLoader(s3_args(read_attempts=3, read_retry_initial_s=0.1, read_retry_max_wait_s=1.0), 2)
+    # the attempts run out first: the 30 s budget leaves room for slow tries on a loaded machine
+    loader = ShardLoader(s3_args(read_attempts=3, read_retry_initial_s=0.1, read_retry_max_wait_s=30.0), 2)
     loader.next_batch()
     s3_env.send("stop")
     t0 = time.monotonic()
@@ -389,7 +390,7 @@ def test_train_with_the_storage_down_exits_with_one_clear_line(small_shards, s3_
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1")
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "training.cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
-                        "data.read_attempts=3", "data.read_retry_initial_s=0.2", "data.read_retry_max_wait_s=3",
+                        "data.read_attempts=3", "data.read_retry_initial_s=0.2", "data.read_retry_max_wait_s=30",
                         f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.monotonic() - t0
     assert p.returncode == 7, p.stderr[-3000:]
