@@ -24,7 +24,6 @@ file cannot run code even where SHA256SUMS was rewritten to match it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch.distributed as dist
 
 from training.distributed import RunFailed
 from training.faults import maybe_kill_in_save
+from training.weights import file_sha256 as _sha256
 
 log = logging.getLogger("decmem.checkpoint")
 
@@ -404,14 +404,6 @@ def _rotate(run_dir: str, keep: int, step: int) -> None:
 #################################################################################
 #                                   Checksums                                   #
 #################################################################################
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _list_files(path: str) -> list[str]:
     """Every file under ``path``, relative, with '/' separators, sorted."""

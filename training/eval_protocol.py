@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from data_pipeline.storage import write_bytes_atomic
 from training.evaluate import _clean, _fmt, frame_metrics, revisit_mask
 from training.overlap import block_overlap, coverage, pixel_blocks
 
@@ -296,9 +297,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
         "clips": clips, "skipped_short_clips": short, "summary": summary, "paths": paths,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     })
-    with open(paths["eval.json"] + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(paths["eval.json"] + ".tmp", paths["eval.json"])
+    write_bytes_atomic(paths["eval.json"], json.dumps(result, indent=1).encode())
     with open(paths["eval.md"], "w") as f:
         f.write(report(result))
     log(f"eval: {len(clips)} clip(s) x {len(args.strategies)} strategies -> {out_dir}")

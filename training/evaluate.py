@@ -19,6 +19,8 @@ import platform
 
 import numpy as np
 
+from data_pipeline.storage import write_bytes_atomic
+
 TABLE_HEADER = ("| strategy | revisit frames | revisit PSNR (dB) | revisit SSIM | all generated PSNR (dB) "
                 "| all generated SSIM | s / latent |")
 TABLE_KEYS = ["strategy", "revisit frames", "revisit PSNR (dB)", "revisit SSIM", "all generated PSNR (dB)",
@@ -243,9 +245,7 @@ def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float =
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
     }
     result = _clean(result)
-    with open(paths["eval.json"] + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(paths["eval.json"] + ".tmp", paths["eval.json"])
+    write_bytes_atomic(paths["eval.json"], json.dumps(result, indent=1).encode())
     with open(paths["report.md"], "w") as f:
         f.write(_report(result))
     log(f"eval: wrote {out_dir}")

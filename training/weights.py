@@ -89,6 +89,7 @@ def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=
 
 
 def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 4 MiB pieces (weights and checkpoint shards can be GBs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
