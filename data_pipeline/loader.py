@@ -53,7 +53,8 @@ class DataArgs:
 
     data: str = ""                   # manifest.json, a dataset folder/prefix with one, or a brace pattern of shards
     clip_frames: int = 16            # latent frames per training sample: memory frames + target chunks
-    target_chunks: int = 1           # target chunks per sample (DESIGN §2.4)
+    target_chunks: int = 1           # target chunks per sample (DESIGN §2.4); 0 = every chunk after min_context
+                                     # (the paper's teacher forcing: each chunk a noisy target reading the clean history)
     min_context: int = 1             # frames before the first target chunk
     batch_size: int = 1              # samples per micro-batch per data-parallel rank
     seed: int = 0
@@ -64,10 +65,10 @@ class DataArgs:
     read_retry_max_wait_s: float = 60.0   # give up this many seconds after the read first failed (waits and tries)
 
     def __post_init__(self):
-        for key in ("clip_frames", "target_chunks", "batch_size", "interleave", "read_attempts"):
+        for key in ("clip_frames", "batch_size", "interleave", "read_attempts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
-        for key in ("min_context", "prefetch", "read_retry_initial_s", "read_retry_max_wait_s"):
+        for key in ("target_chunks", "min_context", "prefetch", "read_retry_initial_s", "read_retry_max_wait_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: expected >= 0, got {getattr(self, key)!r}")
 
@@ -237,6 +238,12 @@ class ShardLoader:
 
     def _chunk_starts(self, rng) -> list[int]:
         lo, hi = self.args.min_context, self.args.clip_frames - self.C
+        if self.args.target_chunks == 0:
+            # every chunk: consecutive, non-overlapping chunks tiling the clip after min_context; the tiling's
+            # phase is drawn so that chunk boundaries fall on every frame over training, as at generation time
+            # (where they follow the number of init frames)
+            phase = int(rng.integers(0, min(self.C, hi - lo + 1)))
+            return list(range(lo + phase, hi + 1, self.C))
         cand = np.arange(lo, hi + 1)
         k = min(self.args.target_chunks, len(cand))
         return sorted(int(c) for c in rng.choice(cand, size=k, replace=False))

@@ -27,7 +27,7 @@ from model.memory import LOCAL, BankLayer
 from model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
-MERGES = ("gate", "joint")
+MERGES = ("residual", "gate", "joint")
 
 
 #################################################################################
@@ -42,9 +42,10 @@ class AttentionArgs:
     block_size: int = 16            # B: tokens per retrieval block (a spatial tile)
     top_k: int = 8                  # blocks retrieved per (query block, head)
     window: int = 4                 # W: local window in frames, current frame included
-    merge: str = "gate"             # gate: sigmoid-gated SGM + ALM; joint: one softmax over both
+    merge: str = "gate"             # residual: ALM + G*SGM (the paper); gate: G_s*SGM + G_a*ALM; joint: one softmax
     retrieval_bias: bool = True     # add log softmax of selected scores to their logits
-    gate_bias: float = 2.0          # init: sigmoid(+b) on ALM, sigmoid(-b) on SGM
+    coarse: bool = False            # gated coarse branch: pooled queries over every candidate block's pooled K/V
+    gate_bias: float = 2.0          # init: sigmoid(+b) on ALM, sigmoid(-b) on SGM and the coarse branch
     decay: float = 0.05             # dense_decay: logit bias per frame of age
     fov_frames: int = 4             # fov_frames: whole frames retrieved
     fov_age_penalty: float = 0.01   # fov_frames: coverage fraction lost per frame of age
@@ -70,6 +71,14 @@ class AttentionArgs:
 #                                 Attention Layer                               #
 #################################################################################
 
+def gated_branches(args: AttentionArgs) -> list[str]:
+    """The branches a per-head sigmoid gate scales, in the order of the gate layer's outputs."""
+    if args.strategy != "decmem":
+        return []
+    names = {"residual": ["sgm"], "gate": ["sgm", "alm"], "joint": []}[args.merge]
+    return names + (["coarse"] if args.coarse else [])
+
+
 class DecMemAttention(nn.Module):
     """Multi-head attention that writes a memory bank (memory stream) and reads it (query stream)."""
 
@@ -80,7 +89,9 @@ class DecMemAttention(nn.Module):
         self.dim, self.n_heads, self.head_dim, self.args = dim, n_heads, dim // n_heads, args
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.gate = nn.Linear(dim, 2 * n_heads)  # per head: [SGM | ALM] gate logits
+        # per head, one logit per gated branch, in the order of self.gates
+        self.gates = gated_branches(args)
+        self.gate = nn.Linear(dim, len(self.gates) * n_heads) if self.gates else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -88,37 +99,51 @@ class DecMemAttention(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        # gates start input-independent and favour ALM, so SGM enters as a small, learnable residue
-        nn.init.zeros_(self.gate.weight)
-        with torch.no_grad():
-            self.gate.bias[: self.n_heads].fill_(-self.args.gate_bias)
-            self.gate.bias[self.n_heads:].fill_(self.args.gate_bias)
+        if self.gate is not None:
+            # gates start input-independent: ALM open, SGM and coarse small but non-zero, so every branch
+            # carries gradient from step 0 and the memory reads enter as a learnable residue
+            nn.init.zeros_(self.gate.weight)
+            with torch.no_grad():
+                for i, name in enumerate(self.gates):
+                    self.gate.bias[i * self.n_heads:(i + 1) * self.n_heads].fill_(
+                        self.args.gate_bias if name == "alm" else -self.args.gate_bias)
 
-    def _heads(self, x):
+    def _heads(self, x, pos=None):
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim)        # [B, N, 3, H, d]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # 3 x [B, H, N, d]
+        if pos is not None:                                                # PRoPE / RoPE (model/posenc.py)
+            q, k, v = pos.query(q), pos.key(k), pos.value(v)
         return q, k, v
 
-    def _out(self, o):
+    def _out(self, o, pos=None):
+        if pos is not None:
+            o = pos.output(o)
         B, H, N, d = o.shape
         return self.proj(o.transpose(1, 2).reshape(B, N, H * d))          # [B, N, D]
+
+    def _gate_values(self, x):
+        """Per gated branch: sigmoid gate [B, H, N] from the current features."""
+        B, N, _ = x.shape
+        g = torch.sigmoid(self.gate(x)).view(B, N, len(self.gates), self.n_heads).permute(2, 0, 3, 1)  # [n, B, H, N]
+        return dict(zip(self.gates, g.unbind(0)))
 
     # ----------------------------------------------------------------------------
     # Memory stream
     # ----------------------------------------------------------------------------
 
-    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None, ctx=None):
+    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None, ctx=None, pos=None):
         """Clean frames with local causal attention; returns (out, BankLayer of these frames).
 
         x: [B, T * N_f, D], frames in time order. past: (k, v) [B, H, P, N_f, d] of
         the P <= W-1 frames just before x at this layer (from the bank when
         streaming, or from the previous rank under context parallelism); keys only.
+        pos: these frames' TokenPositions; the bank keeps K/V already transformed.
         """
         B, N, _ = x.shape
         T, W, Nf = N // frame_tokens, self.args.window, frame_tokens
         self._check_frames(N, Nf)
-        q, k, v = self._heads(x)                                           # [B, H, T*N_f, d]
+        q, k, v = self._heads(x, pos)                                      # [B, H, T*N_f, d]
         H, d = self.n_heads, self.head_dim
         kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, d)
         if past is None and ctx is not None:
@@ -137,7 +162,8 @@ class DecMemAttention(nn.Module):
         mask = (src >= 0).repeat_interleave(Nf, dim=1).expand(B, H, T, W * Nf)                         # [B, H, T, W*N_f]
         o, _ = attend(q.view(B, H, T, Nf, d), kw, vw, key_mask=mask, backend=self.args.backend)       # [B, H, T, N_f, d]
         k_pool = pool_blocks(kf, self.args.block_size).view(B, H, T, -1, d)                           # [B, H, T, n_b, d]
-        return self._out(o.reshape(B, H, N, d)), BankLayer(kf, vf, k_pool)
+        v_pool = pool_blocks(vf, self.args.block_size).view(B, H, T, -1, d)
+        return self._out(o.reshape(B, H, N, d), pos), BankLayer(kf, vf, k_pool, v_pool)
 
     # ----------------------------------------------------------------------------
     # Query stream
@@ -145,18 +171,19 @@ class DecMemAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bank: BankLayer | None, chunk_start: int, frame_tokens: int,
                 fov_frames: tuple[torch.Tensor, torch.Tensor] | None = None, ctx=None,
-                return_stats: bool = False):
+                return_stats: bool = False, pos=None):
         """The chunk's tokens read the bank. Returns (out [B, C*N_f, D], stats dict).
 
         x: [B, C * N_f, D] noisy chunk frames t0..t0+C-1 (t0 = chunk_start);
         bank: frames with global index < t0 are readable, later ones are ignored;
-        fov_frames: (frames [B, k], valid [B, k]) for the fov_frames strategy.
+        fov_frames: (frames [B, k], valid [B, k]) for the fov_frames strategy;
+        pos: the chunk's TokenPositions (None: no positions inside attention).
         """
         a, ctx = self.args, (ctx or LOCAL)
         B, N, _ = x.shape
         Nf, H = frame_tokens, self.n_heads
         self._check_frames(N, Nf)
-        q, k, v = self._heads(x)                                           # [B, H, N, d]
+        q, k, v = self._heads(x, pos)                                      # [B, H, N, d]
         stats: dict = {}
 
         L = min(ctx.global_frames(bank), chunk_start)                      # readable bank frames [0, L)
@@ -178,23 +205,29 @@ class DecMemAttention(nn.Module):
             parts = {"dense": dense, "chunk": chunk}
         else:
             if a.strategy == "decmem":
-                sel, sel_stats = self._sgm(q, bank, old, ctx)
+                sel, coarse, sel_stats = self._sgm(q, bank, old, ctx)
             else:
-                sel, sel_stats = self._fov(q, bank, old, fov_frames, ctx)
+                (sel, sel_stats), coarse = self._fov(q, bank, old, fov_frames, ctx), None
             stats.update(sel_stats)
             parts = {"sel": sel, "window": window, "chunk": chunk}
-            if a.strategy == "decmem" and a.merge == "gate":
-                g = torch.sigmoid(self.gate(x)).view(B, N, 2, H).permute(2, 0, 3, 1)  # [2, B, H, N]
+            g = self._gate_values(x) if self.gate is not None and a.strategy == "decmem" else {}
+            if a.strategy == "decmem" and a.merge != "joint":
                 o_sgm = merge_lse([sel, chunk])[0]                                  # [B, H, N, d]
                 o_alm = merge_lse([window, chunk])[0]
-                out = g[0].unsqueeze(-1) * o_sgm + g[1].unsqueeze(-1) * o_alm
-                stats["gate_sgm"], stats["gate_alm"] = g[0].detach().mean(), g[1].detach().mean()
+                if a.merge == "residual":                                           # the paper: ALM is the base
+                    out = o_alm + g["sgm"].unsqueeze(-1) * o_sgm
+                else:
+                    out = g["sgm"].unsqueeze(-1) * o_sgm + g["alm"].unsqueeze(-1) * o_alm
             else:
                 out = merge_lse([sel, window, chunk])[0]
+            if coarse is not None:
+                out = out + g["coarse"].unsqueeze(-1) * coarse
+            for name, val in g.items():
+                stats[f"gate_{name}"] = val.detach().mean()
         stats["attended_tokens"] = self._attended_tokens(N, Nf, L, w_lo, old)
         if return_stats:
             stats.update(self._entropy(q, k, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames, ctx))
-        return self._out(out), stats
+        return self._out(out, pos), stats
 
     # ----------------------------------------------------------------------------
     # Branches
@@ -225,16 +258,21 @@ class DecMemAttention(nn.Module):
         return (-self.args.decay * age).repeat_interleave(Nf).expand(B, H, n * Nf)
 
     def _sgm(self, q, bank, old, ctx):
-        """Sparse Global Memory: pooled query blocks score pooled bank blocks, top-k, token attention."""
+        """Sparse Global Memory: pooled query blocks score pooled bank blocks, top-k, token attention.
+
+        Returns ((out, lse) of the selected blocks, the coarse branch's output [B, H, N, d] or None, stats).
+        """
         a = self.args
         B, H, N, d = q.shape
         Bs = a.block_size
         nqb = N // Bs
         q_pool = q.view(B, H, nqb, Bs, d).mean(dim=-2)                               # [B, H, n_qb, d]
+        kp = vp = None
         if bank is not None:
             # candidates (older than the ALM window) are a prefix of the local frames: slice, don't mask
             n_old = min(max(old - bank.frame_offset, 0), bank.local_frames)
             kp = _flat_frames(bank.k_pool[:, :, :n_old])                             # [B, H, n_old*n_b, d]
+            vp = _flat_frames(bank.v_pool[:, :, :n_old]) if a.coarse else None
             local = (q_pool / math.sqrt(d)) @ kp.transpose(-1, -2)                   # [B, H, n_qb, n_old*n_b]
         else:
             local = q_pool.new_zeros(B, H, nqb, 0)
@@ -242,8 +280,16 @@ class DecMemAttention(nn.Module):
         bias = selected_log_weights(sel_scores, valid) if a.retrieval_bias else None
         out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
-        return (out, lse), {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
-                            "scores": scores.detach() if scores is not None else None}
+        coarse = None
+        if a.coarse:
+            # every candidate block's score is a logit here, so each one gets a gradient, not only the selected
+            empty = q_pool[..., :0, :]
+            c_out, c_lse = attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty,
+                                  backend=a.backend)                                 # [B, H, n_qb, d], [B, H, n_qb]
+            c_out, _ = ctx.merge_partials(c_out, c_lse)                              # over every rank's candidates
+            coarse = c_out.repeat_interleave(Bs, dim=2)                              # [B, H, N, d]
+        return (out, lse), coarse, {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
+                                    "scores": scores.detach() if scores is not None else None}
 
     def _fov(self, q, bank, old, fov_frames, ctx):
         """WorldMem baseline: whole frames chosen by field-of-view coverage, read by every query."""

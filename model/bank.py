@@ -6,7 +6,6 @@ costs O(chunk), not O(bank). ``save``/``load`` pause and resume a rollout.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,6 +20,7 @@ class MemoryBank:
         self._k = [l.k for l in layers]            # each [B, H, cap, N_f, d]
         self._v = [l.v for l in layers]
         self._kp = [l.k_pool for l in layers]      # each [B, H, cap, n_b, d]
+        self._vp = [l.v_pool for l in layers]
         self._K, self._c2w = K, c2w                # [B, cap, 3, 3], [B, cap, 4, 4]
         self.frames = layers[0].k.shape[2] if layers else 0
         self.frame_offset = frame_offset
@@ -34,7 +34,8 @@ class MemoryBank:
 
     def layer(self, i: int) -> BankLayer:
         n = self.frames
-        return BankLayer(self._k[i][:, :, :n], self._v[i][:, :, :n], self._kp[i][:, :, :n], self.frame_offset)
+        return BankLayer(self._k[i][:, :, :n], self._v[i][:, :, :n], self._kp[i][:, :, :n], self._vp[i][:, :, :n],
+                         self.frame_offset)
 
     @property
     def K(self) -> torch.Tensor:
@@ -70,12 +71,14 @@ class MemoryBank:
             self._k = [_grow(t, n, new_cap, 2) for t in self._k]
             self._v = [_grow(t, n, new_cap, 2) for t in self._v]
             self._kp = [_grow(t, n, new_cap, 2) for t in self._kp]
+            self._vp = [_grow(t, n, new_cap, 2) for t in self._vp]
             self._K, self._c2w = _grow(self._K, n, new_cap, 1), _grow(self._c2w, n, new_cap, 1)
         for i in range(len(self)):
             src = other.layer(i)
             self._k[i][:, :, n:n + add] = src.k
             self._v[i][:, :, n:n + add] = src.v
             self._kp[i][:, :, n:n + add] = src.k_pool
+            self._vp[i][:, :, n:n + add] = src.v_pool
         self._K[:, n:n + add] = other.K
         self._c2w[:, n:n + add] = other.c2w
         self.frames = n + add
@@ -92,8 +95,8 @@ class MemoryBank:
         for i in range(len(self)):
             l = self.layer(i)
             tensors[f"layer{i}.k"], tensors[f"layer{i}.v"] = l.k.contiguous(), l.v.contiguous()
-            tensors[f"layer{i}.k_pool"] = l.k_pool.contiguous()
-        meta = {"format": "decmem-memory-bank/1", "layers": str(len(self)), "frames": str(self.frames),
+            tensors[f"layer{i}.k_pool"], tensors[f"layer{i}.v_pool"] = l.k_pool.contiguous(), l.v_pool.contiguous()
+        meta = {"format": "decmem-memory-bank/2", "layers": str(len(self)), "frames": str(self.frames),
                 "frame_offset": str(self.frame_offset)}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
@@ -106,15 +109,13 @@ class MemoryBank:
 
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            if meta.get("format") != "decmem-memory-bank/1":
-                raise ValueError(f"{path}: not a DecMem memory bank (metadata format={meta.get('format')!r})")
+            if meta.get("format") != "decmem-memory-bank/2":
+                raise ValueError(f"{path}: not a DecMem memory bank of this version (metadata format="
+                                 f"{meta.get('format')!r}, expected 'decmem-memory-bank/2')")
             n = int(meta["layers"])
-            layers = [BankLayer(f.get_tensor(f"layer{i}.k"), f.get_tensor(f"layer{i}.v"),
-                                f.get_tensor(f"layer{i}.k_pool")) for i in range(n)]
+            layers = [BankLayer(*(f.get_tensor(f"layer{i}.{name}") for name in ("k", "v", "k_pool", "v_pool")))
+                      for i in range(n)]
             return cls(layers, f.get_tensor("K"), f.get_tensor("c2w"), int(meta.get("frame_offset", 0)))
-
-    def describe(self) -> str:
-        return json.dumps({"layers": len(self), "frames": self.frames, "tokens_per_layer": self.tokens()})
 
 
 def _grow(t: torch.Tensor, n: int, cap: int, dim: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from model.attention import AttentionArgs, DecMemAttention
 from model.bank import MemoryBank
 from model.blocks import BlockLayout
 from model.camera import plucker_rays
+from model.posenc import CAMERAS, POSITIONS, ChannelSplit, TokenPositions, prope_matrices
 from model.retrieval import select_fov_frames
 
 SIZES = {
@@ -46,8 +47,9 @@ class ModelArgs:
     latent_channels: int = 3       # channels of a latent frame (3 for the pixels codec)
     chunk_frames: int = 4          # C: latent frames denoised together
     action_dim: int = 0            # per-frame action vector size, 0 = no action conditioning
-    camera: bool = True            # Plücker-ray camera conditioning
-    frame_pos: bool = True         # sinusoidal embedding of the frame's index in the clip
+    camera: str = "plucker"        # prope: relative camera encoding inside attention; plucker: added ray tokens; none
+    position: str = "sincos"       # rope: 2-D spatial + temporal RoPE inside attention; sincos: added embeddings
+    frame_pos: bool = True         # sincos only: sinusoidal embedding of the frame's index in the clip
     attention: AttentionArgs = field(default_factory=AttentionArgs)
 
     def __post_init__(self):
@@ -61,6 +63,10 @@ class ModelArgs:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim: expected a multiple of n_heads={self.n_heads}, got {self.dim}")
+        if self.camera not in CAMERAS:
+            raise ValueError(f"camera: expected one of {CAMERAS}, got {self.camera!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position: expected one of {POSITIONS}, got {self.position!r}")
         if self.action_dim < 0:
             raise ValueError(f"action_dim: expected >= 0, got {self.action_dim}")
 
@@ -129,11 +135,11 @@ class DiTBlock(nn.Module):
         x = x + (gm * self.mlp(h).view(B, T, Nf, D)).view(B, N, D)
         return x, extra
 
-    def encode_memory(self, x, c, Nf, past=None, ctx=None):
-        return self._run(x, c, Nf, lambda h: self.attn.encode_memory(h, Nf, past=past, ctx=ctx))
+    def encode_memory(self, x, c, Nf, past=None, ctx=None, pos=None):
+        return self._run(x, c, Nf, lambda h: self.attn.encode_memory(h, Nf, past=past, ctx=ctx, pos=pos))
 
-    def forward(self, x, c, Nf, bank, chunk_start, fov=None, ctx=None, return_stats=False):
-        return self._run(x, c, Nf, lambda h: self.attn(h, bank, chunk_start, Nf, fov, ctx, return_stats))
+    def forward(self, x, c, Nf, bank, chunk_start, fov=None, ctx=None, return_stats=False, pos=None):
+        return self._run(x, c, Nf, lambda h: self.attn(h, bank, chunk_start, Nf, fov, ctx, return_stats, pos))
 
 
 class FinalLayer(nn.Module):
@@ -161,7 +167,8 @@ class VideoDiT(nn.Module):
         self.args = args
         D, p = args.dim, args.patch_size
         self.x_embedder = nn.Conv2d(args.latent_channels, D, p, stride=p)
-        self.camera_embedder = nn.Conv2d(6, D, p, stride=p) if args.camera else None
+        self.camera_embedder = nn.Conv2d(6, D, p, stride=p) if args.camera == "plucker" else None
+        self.split = ChannelSplit.for_head(D // args.n_heads)
         self.action_embedder = nn.Linear(args.action_dim, D) if args.action_dim else None
         self.t_embedder = TimestepEmbedder(D)
         self.blocks = nn.ModuleList([DiTBlock(args) for _ in range(args.depth)])
@@ -216,11 +223,30 @@ class VideoDiT(nn.Module):
             rays = plucker_rays(K.double(), c2w.double(), (h, w)).to(latents.dtype)     # [B, T, 6, h, w]
             x = x + self.camera_embedder(rays.reshape(B * T, 6, h, w))
         x = x.flatten(2).transpose(1, 2)                                                # [B*T, N_f, D] raster
-        x = x + _pos_2d(lay.h, lay.w, D).to(x.device, x.dtype)
+        sincos = self.args.position == "sincos"
+        if sincos:
+            x = x + _pos_2d(lay.h, lay.w, D).to(x.device, x.dtype)
         x = x[:, lay.raster_to_block.to(x.device)].view(B, T, Nf, D)                    # block-major
-        if self.args.frame_pos:
+        if sincos and self.args.frame_pos:
             x = x + sinusoidal(frame_index.to(x.device), D).to(x.dtype)[None, :, None, :]
         return x.reshape(B, T * Nf, D)
+
+    def positions(self, K, c2w, frame_index, hw) -> TokenPositions | None:
+        """The transforms attention applies to these frames' tokens (None when nothing enters inside attention).
+
+        K [B, T, 3, 3] (latent pixels), c2w [B, T, 4, 4], frame_index [T] global, hw the latent frame size.
+        """
+        a = self.args
+        if a.camera != "prope" and a.position != "rope":
+            return None
+        lay = self.layout(*hw)
+        cam = prope_matrices(K.double(), c2w.double(), hw).to(K.dtype) if a.camera == "prope" else None
+        grid = frame_idx = None
+        if a.position == "rope":
+            r = lay.raster_to_block.to(K.device)                                        # block-major -> raster
+            grid = torch.stack([r // lay.w, r % lay.w], dim=-1)                         # [N_f, 2] (row, col)
+            frame_idx = frame_index.to(K.device)
+        return TokenPositions(self.split, lay.tokens, cam, grid, frame_idx)
 
     def unpatchify(self, y, h, w):
         """[B, T, N_f, p*p*C] block-major -> [B, T, C, h, w]."""
@@ -255,12 +281,14 @@ class VideoDiT(nn.Module):
         h, w = latents.shape[-2:]
         Nf = self.layout(h, w).tokens
         W = self.args.attention.window
-        x = self.embed(latents, K, c2w, frame_offset + torch.arange(T))
+        frames = frame_offset + torch.arange(T)
+        x = self.embed(latents, K, c2w, frames)
+        pos = self.positions(K, c2w, frames, (h, w))
         c = self.condition(latents.new_zeros(B, T), actions)                           # clean: τ = 0
         layers = []
         for i, block in enumerate(self.blocks):
             prev = past.last_kv(i, W - 1) if past is not None else None
-            x, layer = block.encode_memory(x, c, Nf, past=prev, ctx=ctx)
+            x, layer = block.encode_memory(x, c, Nf, past=prev, ctx=ctx, pos=pos)
             layer.frame_offset = frame_offset
             layers.append(layer)
         return MemoryBank(layers, K, c2w, frame_offset)
@@ -270,14 +298,16 @@ class VideoDiT(nn.Module):
         """Query stream: noisy chunk x_t [B, C, C_lat, h, w] at time tau ([B] or [B, C]) -> velocity, stats."""
         B, C, _, h, w = x_t.shape
         Nf = self.layout(h, w).tokens
-        x = self.embed(x_t, K, c2w, chunk_start + torch.arange(C))
+        frames = chunk_start + torch.arange(C)
+        x = self.embed(x_t, K, c2w, frames)
+        pos = self.positions(K, c2w, frames, (h, w))
         tau = tau.view(B, 1).expand(B, C) if tau.dim() == 1 else tau
         c = self.condition(tau, actions)
         fov = self.select_fov(bank, K, c2w, chunk_start, (h, w), ctx)
         per_layer = []
         for i, block in enumerate(self.blocks):
             layer = bank.layer(i) if bank is not None and (bank.frames or ctx is not None) else None
-            x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats)
+            x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats, pos)
             per_layer.append(stats)
         out = self.unpatchify(self.final_layer(x, c, Nf), h, w)
         return out, _merge_stats(per_layer)
@@ -297,7 +327,7 @@ class VideoDiT(nn.Module):
 def _merge_stats(per_layer: list[dict]) -> dict:
     """Layer-averaged scalars plus the per-layer selections (for retrieval heatmaps)."""
     out = {"layers": per_layer, "attended_tokens": per_layer[0]["attended_tokens"] if per_layer else 0}
-    for key in ("gate_sgm", "gate_alm", "entropy", "entropy_sgm"):
+    for key in ("gate_sgm", "gate_alm", "gate_coarse", "entropy", "entropy_sgm"):
         vals = [s[key] for s in per_layer if key in s]
         if vals:
             out[key] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean()

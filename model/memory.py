@@ -18,11 +18,12 @@ import torch
 
 @dataclass
 class BankLayer:
-    """One layer's memory: K/V of every locally held bank frame and one pooled key per block."""
+    """One layer's memory: K/V of every locally held bank frame and one pooled key and value per block."""
 
     k: torch.Tensor          # [B, H, T_local, N_f, d], tokens block-major within a frame
     v: torch.Tensor          # [B, H, T_local, N_f, d]
     k_pool: torch.Tensor     # [B, H, T_local, n_b, d], mean key of each block
+    v_pool: torch.Tensor     # [B, H, T_local, n_b, d], mean value of each block (the coarse branch reads it)
     frame_offset: int = 0    # global frame index of local frame 0 (non-zero on a cp shard)
 
     @property

@@ -13,12 +13,16 @@ def python_topk(scores_row, k, eligible):
     return sorted(cand[:k])
 
 
-def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on):
-    """Masked-dense DecMem read: [B, N, D]. bank_k/v: [B, H, T, N_f, d] (all frames, block-major)."""
+def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on, pos=None):
+    """Masked-dense DecMem read: [B, N, D]. bank_k/v: [B, H, T, N_f, d] (all frames, block-major, as stored).
+
+    merge: joint / gate / residual, as the layer's args say; the coarse branch when m.args.coarse.
+    pos: the chunk's TokenPositions (bank K/V are already transformed).
+    """
     a = m.args
     B, N, _ = x.shape
     H, d, Bs = m.n_heads, m.head_dim, a.block_size
-    q, kc, vc = m._heads(x)
+    q, kc, vc = m._heads(x, pos)
     T = bank_k.shape[2]
     L = min(T, chunk_start)
     w_lo = max(0, chunk_start - (a.window - 1))
@@ -59,11 +63,29 @@ def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on):
         lg = (logits + bias).masked_fill(~mask, -math.inf)
         return torch.softmax(lg, dim=-1) @ V
 
+    gates = {}
+    if m.gate is not None:
+        g = torch.sigmoid(m.gate(x)).view(B, N, len(m.gates), H).permute(2, 0, 3, 1).unsqueeze(-1)
+        gates = dict(zip(m.gates, g))
+    o_win = masked(win_mask.expand_as(sgm_mask), torch.zeros_like(sgm_bias))
     if merge == "joint":
         o = masked(sgm_mask | win_mask, sgm_bias)
+    elif merge == "residual":
+        o = o_win + gates["sgm"] * masked(sgm_mask, sgm_bias)
     else:
-        g = torch.sigmoid(m.gate(x)).view(B, N, 2, H).permute(2, 0, 3, 1).unsqueeze(-1)
-        o = g[0] * masked(sgm_mask, sgm_bias) + g[1] * masked(win_mask.expand_as(sgm_mask), torch.zeros_like(sgm_bias))
+        o = gates["sgm"] * masked(sgm_mask, sgm_bias) + gates["alm"] * o_win
+    if a.coarse:
+        # pooled queries over every eligible block's pooled key/value, one softmax, copied to the block's tokens
+        v_pool = bank_v.reshape(B, H, T * n_b, Bs, d).mean(-2)
+        elig = torch.tensor(eligible, dtype=torch.bool)
+        if elig.any():
+            p = torch.softmax(scores[..., elig], dim=-1)                      # [B, H, n_qb, n_eligible]
+            coarse = (p @ v_pool[:, :, elig]).repeat_interleave(Bs, dim=2)    # [B, H, N, d]
+        else:
+            coarse = torch.zeros_like(o)
+        o = o + gates["coarse"] * coarse
+    if pos is not None:
+        o = pos.output(o)
     return m._out(o), selected
 
 

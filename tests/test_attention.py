@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from model.attention import AttentionArgs, DecMemAttention
 from model.blocks import pool_blocks
 from model.memory import BankLayer
+from model.posenc import ChannelSplit, TokenPositions, prope_matrices
 from reference import reference_decmem, reference_dense
 
 F64 = torch.float64
@@ -20,8 +21,9 @@ def make(strategy="decmem", dim=16, heads=2, dtype=F64, seed=0, **kw):
     torch.manual_seed(seed)
     args = AttentionArgs(strategy=strategy, **kw)
     m = DecMemAttention(dim, heads, args).to(dtype)
-    with torch.no_grad():  # non-trivial gates so both branches matter in the comparison
-        m.gate.weight.normal_(0, 0.3)
+    if m.gate is not None:
+        with torch.no_grad():  # non-trivial gates so both branches matter in the comparison
+            m.gate.weight.normal_(0, 0.3)
     return m
 
 
@@ -29,51 +31,87 @@ def random_bank(B, H, T, Nf, d, Bs, dtype=F64, requires_grad=False, seed=1):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, H, T, Nf, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
     v = torch.randn(B, H, T, Nf, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
-    return k, v, BankLayer(k, v, pool_blocks(k, Bs).view(B, H, T, Nf // Bs, d))
+    return k, v, BankLayer(k, v, pool_blocks(k, Bs).view(B, H, T, Nf // Bs, d), pool_blocks(v, Bs).view(B, H, T, Nf // Bs, d))
 
 
 # ------------------------------------------------------------------------------------
 # Sparse gathered path == masked-dense reference
 # ------------------------------------------------------------------------------------
 
-@settings(max_examples=40, deadline=None)
+def chunk_positions(C, Nf, d, seed=0):
+    """Random PRoPE cameras, a token grid and frame indices for a chunk of C frames (positions inside attention)."""
+    g = torch.Generator().manual_seed(seed)
+    c2w = torch.eye(4, dtype=F64).repeat(1, C, 1, 1)
+    c2w[0, :, :3, :3] = torch.linalg.qr(torch.randn(C, 3, 3, generator=g, dtype=F64))[0]
+    c2w[0, :, :3, 3] = torch.randn(C, 3, generator=g, dtype=F64)
+    K = torch.tensor([[4.0, 0, 2], [0, 4.0, 2], [0, 0, 1]], dtype=F64).expand(1, C, 3, 3)
+    grid = torch.stack([torch.arange(Nf) // 4, torch.arange(Nf) % 4], dim=-1)
+    return TokenPositions(ChannelSplit.for_head(d), Nf, prope_matrices(K, c2w, (4, 4)), grid, 20 + torch.arange(C))
+
+
+@settings(max_examples=60, deadline=None)
 @given(
     B=st.integers(1, 2), H=st.sampled_from([1, 2]), Nf=st.sampled_from([4, 8, 16]), Bs_div=st.sampled_from([1, 2, 4]),
     T=st.integers(0, 9), C=st.integers(1, 2), W=st.integers(1, 4), k=st.integers(1, 12), extra=st.integers(0, 3),
-    merge=st.sampled_from(["gate", "joint"]), bias=st.booleans(),
+    merge=st.sampled_from(["residual", "gate", "joint"]), bias=st.booleans(), coarse=st.booleans(),
+    positions=st.booleans(),
 )
-def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias):
+def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias, coarse, positions):
     Bs = max(1, Nf // Bs_div)
-    m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias)
+    m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias, coarse=coarse)
     chunk_start = max(0, T - extra)  # bank may hold frames at/after the chunk: they must be ignored
     kb, vb, bank = random_bank(B, H, T, Nf, 8, Bs)
     x = torch.randn(B, C * Nf, 8 * H, dtype=F64)
-    out, stats = m(x, bank if T else None, chunk_start, Nf)
-    ref, selected = reference_decmem(m, x, kb, vb, chunk_start, Nf, merge, bias)
+    pos = chunk_positions(C, Nf, 8) if positions else None
+    out, stats = m(x, bank if T else None, chunk_start, Nf, pos=pos)
+    ref, selected = reference_decmem(m, x, kb, vb, chunk_start, Nf, merge, bias, pos)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     got = torch.zeros_like(selected)
     idx, valid = stats["selected"], stats["selected_valid"]
-    for pos in valid.nonzero().tolist():
-        got[pos[0], pos[1], pos[2], idx[tuple(pos)]] = True
+    for p in valid.nonzero().tolist():
+        got[p[0], p[1], p[2], idx[tuple(p)]] = True
     assert torch.equal(got, selected)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_sparse_matches_reference_fp32(backend):
-    m = make(dim=32, heads=4, dtype=torch.float32, block_size=4, top_k=3, window=3, backend=backend)
+@pytest.mark.parametrize("merge,coarse", [("gate", False), ("residual", True), ("joint", True)])
+def test_sparse_matches_reference_fp32(backend, merge, coarse):
+    kw = dict(block_size=4, top_k=3, window=3, merge=merge, coarse=coarse)
+    m = make(dim=32, heads=4, dtype=torch.float32, backend=backend, **kw)
     kb, vb, bank = random_bank(2, 4, 12, 16, 8, 4, dtype=torch.float32)
     x = torch.randn(2, 32, 32, requires_grad=True)
-    out, _ = m(x, bank, 10, 16)
+    pos = chunk_positions(2, 16, 8)
+    out, _ = m(x, bank, 10, 16, pos=pos)
     w = torch.randn_like(out)
     g = torch.autograd.grad((out * w).sum(), [x, *m.parameters()])
-    m64 = make(dim=32, heads=4, block_size=4, top_k=3, window=3)
+    m64 = make(dim=32, heads=4, **kw)
     m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     x64 = x.detach().double().requires_grad_(True)
-    ref, _ = reference_decmem(m64, x64, kb.double(), vb.double(), 10, 16, "gate", True)
+    ref, _ = reference_decmem(m64, x64, kb.double(), vb.double(), 10, 16, merge, True, pos)
     gr = torch.autograd.grad((ref * w.double()).sum(), [x64, *m64.parameters()])
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(g, gr):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_coarse_branch_gives_every_candidate_block_score_a_gradient():
+    """Selected-only bias reaches k blocks per query block; the coarse branch reaches every candidate, no future one."""
+    B, H, T, Nf, d, Bs, t0 = 1, 2, 10, 8, 8, 4, 8
+    kb = torch.randn(B, H, T, Nf, d, dtype=F64)
+    vb = torch.randn(B, H, T, Nf, d, dtype=F64)
+    x = torch.randn(B, Nf, 8 * H, dtype=F64)
+    grads = {}
+    for coarse in (False, True):
+        m = make(dim=8 * H, heads=H, block_size=Bs, top_k=2, window=2, merge="residual", coarse=coarse)
+        kp = pool_blocks(kb, Bs).view(B, H, T, Nf // Bs, d).requires_grad_(True)
+        vp = pool_blocks(vb, Bs).view(B, H, T, Nf // Bs, d)
+        out, stats = m(x, BankLayer(kb, vb, kp, vp), t0, Nf)
+        out.square().sum().backward()
+        grads[coarse] = kp.grad[0].abs().sum(-1).reshape(H, T * Nf // Bs)             # [H, blocks]
+    n_cand = (t0 - 1) * (Nf // Bs)                                                     # frames < t0 - (W-1)
+    assert int((grads[False][:, :n_cand] > 0).sum()) <= H * 2 * 2                       # k blocks x query blocks
+    assert bool((grads[True][:, :n_cand] > 0).all()), "a candidate block's pooled key got no gradient"
+    assert bool((grads[True][:, n_cand:] == 0).all()), "the window or a future frame leaked into the coarse branch"
 
 
 # ------------------------------------------------------------------------------------
@@ -168,7 +206,7 @@ def test_unselected_blocks_get_zero_gradient_and_scores_get_gradient():
     kp = pool_blocks(kb.detach(), Bs).view(B, H, T, Nf // Bs, d).requires_grad_(True)  # separate leaf for scores
     x = torch.randn(B, Nf, 16, dtype=F64)
     t0 = 8
-    out, stats = m(x, BankLayer(kb, vb, kp), t0, Nf)
+    out, stats = m(x, BankLayer(kb, vb, kp, pool_blocks(vb.detach(), Bs).view(B, H, T, Nf // Bs, d)), t0, Nf)
     out.square().sum().backward()
     n_b = Nf // Bs
     sel = torch.zeros(H, T * n_b, dtype=torch.bool)
@@ -187,7 +225,7 @@ def test_unselected_blocks_get_zero_gradient_and_scores_get_gradient():
 
     m.args.retrieval_bias = False
     kp.grad = None
-    m(x, BankLayer(kb, vb, kp), t0, Nf)[0].square().sum().backward()
+    m(x, BankLayer(kb, vb, kp, pool_blocks(vb.detach(), Bs).view(B, H, T, Nf // Bs, d)), t0, Nf)[0].square().sum().backward()
     assert kp.grad is None or kp.grad.abs().max() == 0, "scores get gradient only through the retrieval bias"
 
 

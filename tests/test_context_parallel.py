@@ -15,8 +15,10 @@ CASES = [
     dict(strategy="decmem", T=10, starts=[8], merge="joint"),
     dict(strategy="decmem", T=8, starts=[6], top_k=1),                  # candidates only on the first ranks
     dict(strategy="decmem", T=12, starts=[5, 10], dtype=torch.float32),
-    dict(strategy="decmem", T=10, starts=[8], frame_pos=False, camera=False, repeat=[(5, 1), (6, 2), (7, 3)]),  # ties
-    dict(strategy="dense", T=9, starts=[7]),
+    dict(strategy="decmem", T=10, starts=[8], frame_pos=False, camera="none", repeat=[(5, 1), (6, 2), (7, 3)]),  # ties
+    dict(strategy="decmem", T=11, starts=[7, 9], merge="residual", coarse=True, camera="prope", position="rope"),
+    dict(strategy="decmem", T=10, starts=[4, 8], merge="joint", coarse=True, top_k=1),   # coarse candidates on few ranks
+    dict(strategy="dense", T=9, starts=[7], camera="prope", position="rope"),
     dict(strategy="dense_decay", T=9, starts=[4, 7]),
     dict(strategy="window", T=9, starts=[7]),
     dict(strategy="fov_frames", T=11, starts=[9]),

@@ -173,6 +173,18 @@ def test_sample_geometry(dataset):
     assert len(b["chunk_starts"]) == 3 and min(b["chunk_starts"]) >= 2 and max(b["chunk_starts"]) <= 6
 
 
+def test_every_chunk_teacher_forcing_tiles_the_clip(dataset):
+    """data.target_chunks=0: consecutive chunks from min_context to the clip's end, at a phase that varies."""
+    got, _ = batches(dataset, 12, clip_frames=8, target_chunks=0, min_context=1)
+    phases = set()
+    for b in got:
+        s = b["chunk_starts"]
+        assert s == list(range(s[0], 7, 2)) and 1 <= s[0] <= 2, s   # chunks of 2 frames, last start <= 8 - 2
+        assert 8 - (s[-1] + 2) < 2                                  # no room left for another whole chunk
+        phases.add(s[0])
+    assert phases == {1, 2}
+
+
 def test_corrupt_shard_in_the_middle_is_skipped_and_counted(dataset, tmp_path):
     m = json.load(open(os.path.join(dataset, "manifest.json")))
     names = [s["name"] for s in m["shards"]]

@@ -44,8 +44,9 @@ def cameras(B, T, hw=(8, 8), seed=0, dtype=F64):
 # Memory bank: parallel pass == streaming encode
 # ------------------------------------------------------------------------------------
 
-def test_parallel_bank_equals_streaming_bank():
-    m = tiny()
+@pytest.mark.parametrize("camera,position", [("plucker", "sincos"), ("prope", "rope")])
+def test_parallel_bank_equals_streaming_bank(camera, position):
+    m = tiny(camera=camera, position=position)
     B, T = 2, 11
     lat = torch.randn(B, T, 3, 8, 8, dtype=F64)
     K, c2w = cameras(B, T)
@@ -58,7 +59,7 @@ def test_parallel_bank_equals_streaming_bank():
     assert bank.frames == full.frames == T
     for i in range(len(full)):
         a, b = full.layer(i), bank.layer(i)
-        for x, y in ((a.k, b.k), (a.v, b.v), (a.k_pool, b.k_pool)):
+        for x, y in ((a.k, b.k), (a.v, b.v), (a.k_pool, b.k_pool), (a.v_pool, b.v_pool)):
             torch.testing.assert_close(y, x, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(bank.c2w, full.c2w)
 
@@ -158,7 +159,7 @@ def test_rigid_motion_of_trajectory_leaves_relative_conditioning_unchanged():
 
 def test_untrained_model_ignores_camera_and_actions():
     torch.manual_seed(0)
-    m = VideoDiT(ModelArgs(size="debug", chunk_frames=2, action_dim=5,
+    m = VideoDiT(ModelArgs(size="debug", chunk_frames=2, action_dim=5, camera="plucker",
                            attention=AttentionArgs(block_size=4, window=2))).double()
     with torch.no_grad():  # open the residual branches (adaLN-zero) but keep the conditioning paths as initialised
         for name, p in m.named_parameters():

@@ -55,7 +55,8 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
         g = torch.Generator().manual_seed(cfg.seed + T)
         kb = torch.randn(Bt, H, T, Nf, d, generator=g).to(dev, dtype)
         vb = torch.randn(Bt, H, T, Nf, d, generator=g).to(dev, dtype)
-        bank = BankLayer(kb, vb, pool_blocks(kb, a.block_size).view(Bt, H, T, -1, d))
+        bank = BankLayer(kb, vb, pool_blocks(kb, a.block_size).view(Bt, H, T, -1, d),
+                         pool_blocks(vb, a.block_size).view(Bt, H, T, -1, d))
         x = torch.randn(Bt, C * Nf, b.dim, generator=g).to(dev, dtype)
         Kc, c2w = orbit_cameras(T + C, (b.frame_h * 8, b.frame_w * 8))
         for strategy in strategies:

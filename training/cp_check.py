@@ -24,10 +24,13 @@ def init(rank: int, world: int, port: int) -> None:
                             timeout=timedelta(seconds=120))   # a mismatched collective fails, never hangs
 
 
-def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera=True, top_k=3, window=3, seed=0):
+def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera="plucker", top_k=3, window=3, seed=0,
+               position="sincos", coarse=False):
     torch.manual_seed(seed)
-    att = AttentionArgs(strategy=strategy, block_size=4, top_k=top_k, window=window, merge=merge, fov_frames=2)
-    m = VideoDiT(ModelArgs(size="debug", chunk_frames=2, frame_pos=frame_pos, camera=camera, attention=att)).to(dtype)
+    att = AttentionArgs(strategy=strategy, block_size=4, top_k=top_k, window=window, merge=merge, fov_frames=2,
+                        coarse=coarse)
+    m = VideoDiT(ModelArgs(size="debug", chunk_frames=2, frame_pos=frame_pos, camera=camera, position=position,
+                           attention=att)).to(dtype)
     with torch.no_grad():                        # leave the zero-init regime so every path carries gradient
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -69,7 +72,8 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
             dtype = case.get("dtype", torch.float64)
             tol = 1e-10 if dtype == torch.float64 else 1e-5
             model = tiny_model(case["strategy"], dtype, case.get("merge", "gate"), case.get("frame_pos", True),
-                               case.get("camera", True), case.get("top_k", 3), case.get("window", 3))
+                               case.get("camera", "plucker"), case.get("top_k", 3), case.get("window", 3),
+                               position=case.get("position", "sincos"), coarse=case.get("coarse", False))
             lat, K, c2w = batch(case["T"], dtype, repeat_frames=case.get("repeat"))
             ref_loss, ref_grads, ref_stats = loss_and_grads(model, lat, K, c2w, case["starts"], None)
             ctx = CPMemory(cp_group, layout.cp_rank, layout.cp)

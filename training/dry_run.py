@@ -91,9 +91,12 @@ def local_bank_frames(cfg) -> int:
 
 
 def target_chunks(cfg) -> int:
-    """Chunks the loader actually draws: distinct starts in [min_context, clip_frames - chunk_frames]."""
-    d = cfg.data
-    return max(0, min(d.target_chunks, d.clip_frames - cfg.model.chunk_frames - d.min_context + 1))
+    """Chunks the loader draws at most: distinct starts in [min_context, clip_frames - chunk_frames], or with
+    data.target_chunks = 0 (every chunk) the chunks that tile the clip after min_context."""
+    d, C = cfg.data, cfg.model.chunk_frames
+    if d.target_chunks == 0:
+        return max(0, (d.clip_frames - d.min_context) // C)
+    return max(0, min(d.target_chunks, d.clip_frames - C - d.min_context + 1))
 
 
 #################################################################################
