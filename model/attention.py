@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from model.blocks import pool_blocks
-from model.kernels import BACKENDS, attend, expected_logit, merge_lse, softmax_entropy_parts
+from model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
 from model.memory import LOCAL, BankLayer
 from model.retrieval import selected_log_weights
 
@@ -42,9 +42,11 @@ class AttentionArgs:
     block_size: int = 16            # B: tokens per retrieval block (a spatial tile)
     top_k: int = 8                  # blocks retrieved per (query block, head)
     window: int = 4                 # W: local window in frames, current frame included
-    merge: str = "gate"             # residual: ALM + G*SGM (the paper); gate: G_s*SGM + G_a*ALM; joint: one softmax
+    merge: str = "residual"         # residual: ALM + G*SGM (the paper); gate: G_s*SGM + G_a*ALM; joint: one softmax
     retrieval_bias: bool = True     # add log softmax of selected scores to their logits
-    coarse: bool = False            # gated coarse branch: pooled queries over every candidate block's pooled K/V
+    coarse: bool = True             # gated coarse branch: pooled queries over every candidate block's pooled K/V
+    position_prior: float = 12.0    # init: q/k biases on the PRoPE/RoPE channels that add this many logits to a key
+                                    # seen from the same viewing direction at the same grid cell (0 = off)
     gate_bias: float = 2.0          # init: sigmoid(+b) on ALM, sigmoid(-b) on SGM and the coarse branch
     decay: float = 0.05             # dense_decay: logit bias per frame of age
     fov_frames: int = 4             # fov_frames: whole frames retrieved
@@ -72,9 +74,11 @@ class AttentionArgs:
 #################################################################################
 
 def gated_branches(args: AttentionArgs) -> list[str]:
-    """The branches a per-head sigmoid gate scales, in the order of the gate layer's outputs."""
-    if args.strategy != "decmem":
-        return []
+    """The branches a per-head sigmoid gate scales, in the order of the gate layer's outputs.
+
+    They depend on the merge, not on the strategy: weights trained with decmem load under any strategy
+    (which then leaves the gates unused), so one model can be rolled out with each.
+    """
     names = {"residual": ["sgm"], "gate": ["sgm", "alm"], "joint": []}[args.merge]
     return names + (["coarse"] if args.coarse else [])
 
@@ -107,6 +111,30 @@ class DecMemAttention(nn.Module):
                 for i, name in enumerate(self.gates):
                     self.gate.bias[i * self.n_heads:(i + 1) * self.n_heads].fill_(
                         self.args.gate_bias if name == "alm" else -self.args.gate_bias)
+
+    def init_position_prior(self, split, camera: bool, spatial: bool) -> None:
+        """Query/key biases that make the positional channels score 'same view, same place' highest at init.
+
+        PRoPE: a bias b*e_z on each camera 4-block of q and k adds b^2 (P̃_q P̃_k⁻¹)_zz ~ b^2 cos(angle between
+        the two optical axes) to a logit, whatever the positions; RoPE: a bias b on the first channel of each
+        rotated pair adds b^2 cos(ω Δ) per pair, largest at the same grid cell. b is set so that the terms
+        sum to ``position_prior`` logits for the same view and cell, whatever the head size. Temporal
+        channels stay unbiased (no preference for recent frames). The prior only shifts logits at init
+        (the memory probe measures what it buys); everything is learned from there.
+        """
+        d, D = self.head_dim, self.dim
+        terms = (split.camera // 4 if camera else 0) + (split.spatial // 2 if spatial else 0)
+        if self.args.position_prior <= 0 or terms == 0:
+            return
+        b = math.sqrt(self.args.position_prior * math.sqrt(d) / terms)
+        bias = torch.zeros(d)
+        if camera:
+            bias[2:split.camera:4] = b                                       # z of every camera 4-block
+        if spatial:
+            bias[split.camera:split.camera + split.spatial:2] = b            # first channel of every spatial pair
+        with torch.no_grad():
+            self.qkv.bias[:D].copy_(bias.repeat(self.n_heads))               # q
+            self.qkv.bias[D:2 * D].copy_(bias.repeat(self.n_heads))          # k
 
     def _heads(self, x, pos=None):
         B, N, _ = x.shape
@@ -181,7 +209,7 @@ class DecMemAttention(nn.Module):
         """
         a, ctx = self.args, (ctx or LOCAL)
         B, N, _ = x.shape
-        Nf, H = frame_tokens, self.n_heads
+        Nf = frame_tokens
         self._check_frames(N, Nf)
         q, k, v = self._heads(x, pos)                                      # [B, H, N, d]
         stats: dict = {}
@@ -191,25 +219,22 @@ class DecMemAttention(nn.Module):
         old = min(w_lo, L)                                                 # SGM candidates [0, old)
 
         chunk = attend(q, k, v, backend=a.backend)                         # ([B, H, N, d], [B, H, N])
-        win_kv = None
+        win_kv = coarse = None
         if a.strategy not in ("dense", "dense_decay"):                      # dense reads the window anyway
             win_kv = ctx.window_kv(bank, w_lo, L)
             window = self._attend_frames(q, win_kv)
 
         if a.strategy == "window":
             out = merge_lse([window, chunk])[0]
-            parts = {"window": window, "chunk": chunk}
         elif a.strategy in ("dense", "dense_decay"):
             dense = self._dense(q, bank, L, chunk_start, ctx)
             out = merge_lse([dense, chunk])[0]
-            parts = {"dense": dense, "chunk": chunk}
         else:
             if a.strategy == "decmem":
                 sel, coarse, sel_stats = self._sgm(q, bank, old, ctx)
             else:
                 (sel, sel_stats), coarse = self._fov(q, bank, old, fov_frames, ctx), None
             stats.update(sel_stats)
-            parts = {"sel": sel, "window": window, "chunk": chunk}
             g = self._gate_values(x) if self.gate is not None and a.strategy == "decmem" else {}
             if a.strategy == "decmem" and a.merge != "joint":
                 o_sgm = merge_lse([sel, chunk])[0]                                  # [B, H, N, d]
@@ -225,8 +250,9 @@ class DecMemAttention(nn.Module):
             for name, val in g.items():
                 stats[f"gate_{name}"] = val.detach().mean()
         stats["attended_tokens"] = self._attended_tokens(N, Nf, L, w_lo, old)
+        stats["attended_pooled"] = old * (Nf // a.block_size) if coarse is not None else 0
         if return_stats:
-            stats.update(self._entropy(q, k, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames, ctx))
+            stats.update(self._read_stats(q, k, bank, stats, L, w_lo, chunk_start, win_kv, ctx))
         return self._out(out, pos), stats
 
     # ----------------------------------------------------------------------------
@@ -344,7 +370,8 @@ class DecMemAttention(nn.Module):
             raise ValueError(f"frames of {Nf} tokens cannot be cut into blocks of block_size={self.args.block_size}")
 
     def _attended_tokens(self, N, Nf, L, w_lo, old):
-        """Key tokens each query reads (upper bound for sparse strategies)."""
+        """Key tokens each query reads (upper bound for sparse strategies); the coarse branch's pooled keys,
+        one per candidate block like the retrieval scores, are counted apart (``attended_pooled``)."""
         a = self.args
         win = max(0, L - w_lo) * Nf
         if a.strategy == "window":
@@ -355,48 +382,66 @@ class DecMemAttention(nn.Module):
         return sel + win + N
 
     @torch.no_grad()
-    def _entropy(self, q, k_chunk, bank, parts, stats, L, w_lo, old, chunk_start, win_kv, fov_frames, ctx):
-        """Attention entropy of the memory read (SGM branch for decmem, the full softmax otherwise).
+    def _read_stats(self, q, k_chunk, bank, stats, L, w_lo, chunk_start, win_kv, ctx):
+        """Entropy and dispersion of the memory read: its softmax over the read keys and the chunk's own.
 
-        Under context parallelism each rank sees its own share of the bank; the shares' (lse, E[logit])
-        merge across the group exactly like partial outputs, so every rank gets the single-process value.
+        The read is the SGM branch for decmem and fov_frames (selected blocks), every bank token for dense,
+        the window for window. Dispersion (the paper's measure) is the attention mass on keys of weight
+        < 0.02 and > 0.05, per query token [B, H, N]. Under context parallelism each rank holds a share of
+        the read keys; (lse, E[logit]) merge like partial outputs and masses add up, so every rank gets
+        the single-process values.
         """
         a = self.args
         B, H, N, d = q.shape
-        e_chunk = expected_logit(q, k_chunk)
-        if a.strategy == "window":                        # the window's K/V are already whole on every rank
-            return {"entropy": softmax_entropy_parts([self._frames_expect(q, win_kv), e_chunk]).mean()}
-        if a.strategy in ("dense", "dense_decay"):
-            kv = bank.frames(0, L) if bank is not None else None
-            bias = self._decay_bias(q, bank, kv, chunk_start)
-            mem = self._frames_expect(q, kv, bias)
+        qv, kk, bias, mask, shared = self._read_keys(q, bank, stats, L, w_lo, chunk_start, win_kv)
+        lse_c, e_c = expected_logit(q, k_chunk)
+        if kk is None:
+            lse_m = torch.full_like(lse_c, -math.inf)
+            e_m = torch.zeros_like(e_c)
         else:
-            idx, valid = stats["selected"], stats["selected_valid"]            # global block indices
-            G = idx.shape[2]
-            Bs = a.block_size
-            if bank is None or bank.local_frames == 0:
-                mem = (torch.full((B, H, N), -math.inf, device=q.device, dtype=e_chunk[0].dtype),
-                       torch.zeros_like(e_chunk[1]))
-            else:
-                local = idx - bank.frame_offset * bank.blocks_per_frame
-                owned = valid & (local >= 0) & (local < bank.k_pool.shape[2] * bank.k_pool.shape[3])
-                kb = _gather_blocks(bank.k, torch.where(owned, local, torch.zeros_like(local)), Bs)
-                bias = None
-                if a.strategy == "decmem" and a.retrieval_bias:
-                    bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
-                lse, e = expected_logit(q.view(B, H, G, N // G, d), kb, bias, owned.repeat_interleave(Bs, dim=-1))
-                mem = (lse.reshape(B, H, N), e.reshape(B, H, N))
-        e_mem, lse_mem = ctx.merge_partials(mem[1].nan_to_num(0.0).unsqueeze(-1), mem[0])
-        out = {"entropy": softmax_entropy_parts([(lse_mem, e_mem.squeeze(-1)), e_chunk]).mean()}
+            lse_m, e_m = (t.reshape(B, H, N) for t in expected_logit(qv, kk, bias, mask))
+        if not shared:
+            e_m, lse_m = ctx.merge_partials(e_m.nan_to_num(0.0).unsqueeze(-1), lse_m)
+            e_m = e_m.squeeze(-1)
+        entropy = softmax_entropy_parts([(lse_m, e_m), (lse_c, e_c)])
+        lse_all = torch.logaddexp(lse_m, lse_c)                                      # [B, H, N]
+        low, high = mass_split(q, k_chunk, lse_all)
+        if kk is not None:
+            lm, hm = mass_split(qv, kk, lse_all.view(qv.shape[:-1]), bias, mask)
+            lm, hm = lm.reshape(B, H, N), hm.reshape(B, H, N)
+        else:
+            lm, hm = torch.zeros_like(low), torch.zeros_like(high)
+        if not shared:
+            lm, hm = ctx.all_sum(torch.stack([lm, hm])).unbind(0)
+        out = {"entropy": entropy.mean(), "dispersion_low": low + lm, "dispersion_high": high + hm}
         if a.strategy == "decmem":
             out["entropy_sgm"] = out["entropy"]
         return out
 
-    def _frames_expect(self, q, kv, key_bias=None):
-        if kv is None:
-            return expected_logit(q, q[..., :0, :])
-        B, H, n, Nf, d = kv[0].shape
-        return expected_logit(q, kv[0].reshape(B, H, n * Nf, d), key_bias)
+    def _read_keys(self, q, bank, stats, L, w_lo, chunk_start, win_kv):
+        """This rank's keys of the memory read: (queries viewed per key set, keys, bias, mask, whole on every rank)."""
+        a = self.args
+        B, H, N, d = q.shape
+        if a.strategy == "window":                        # the window's K/V are already whole on every rank
+            if win_kv is None:
+                return q, None, None, None, True
+            return q, win_kv[0].flatten(2, 3), None, None, True
+        if a.strategy in ("dense", "dense_decay"):
+            kv = bank.frames(0, L) if bank is not None else None
+            if kv is None or kv[0].shape[2] == 0:
+                return q, None, None, None, False
+            return q, kv[0].flatten(2, 3), self._decay_bias(q, bank, kv, chunk_start), None, False
+        if bank is None or bank.local_frames == 0:
+            return q, None, None, None, False
+        idx, valid = stats["selected"], stats["selected_valid"]                      # global block indices
+        G, Bs = idx.shape[2], a.block_size
+        local = idx - bank.frame_offset * bank.blocks_per_frame
+        owned = valid & (local >= 0) & (local < bank.k_pool.shape[2] * bank.k_pool.shape[3])
+        kb = _gather_blocks(bank.k, torch.where(owned, local, torch.zeros_like(local)), Bs)   # [B, H, G, k*Bs, d]
+        bias = None
+        if a.strategy == "decmem" and a.retrieval_bias:
+            bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
+        return q.view(B, H, G, N // G, d), kb, bias, owned.repeat_interleave(Bs, dim=-1), False
 
 
 def _flat_frames(x: torch.Tensor) -> torch.Tensor:

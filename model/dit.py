@@ -47,8 +47,8 @@ class ModelArgs:
     latent_channels: int = 3       # channels of a latent frame (3 for the pixels codec)
     chunk_frames: int = 4          # C: latent frames denoised together
     action_dim: int = 0            # per-frame action vector size, 0 = no action conditioning
-    camera: str = "plucker"        # prope: relative camera encoding inside attention; plucker: added ray tokens; none
-    position: str = "sincos"       # rope: 2-D spatial + temporal RoPE inside attention; sincos: added embeddings
+    camera: str = "prope"          # prope: relative camera encoding inside attention; plucker: added ray tokens; none
+    position: str = "rope"         # rope: 2-D spatial + temporal RoPE inside attention; sincos: added embeddings
     frame_pos: bool = True         # sincos only: sinusoidal embedding of the frame's index in the clip
     attention: AttentionArgs = field(default_factory=AttentionArgs)
 
@@ -196,6 +196,7 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
             block.attn.reset_parameters()                 # qkv/proj xavier, SGM/ALM gates biased to ALM
+            block.attn.init_position_prior(self.split, self.args.camera == "prope", self.args.position == "rope")
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -246,7 +247,7 @@ class VideoDiT(nn.Module):
             r = lay.raster_to_block.to(K.device)                                        # block-major -> raster
             grid = torch.stack([r // lay.w, r % lay.w], dim=-1)                         # [N_f, 2] (row, col)
             frame_idx = frame_index.to(K.device)
-        return TokenPositions(self.split, lay.tokens, cam, grid, frame_idx)
+        return TokenPositions(self.split, lay.tokens, cam, grid, frame_idx, (lay.h, lay.w))
 
     def unpatchify(self, y, h, w):
         """[B, T, N_f, p*p*C] block-major -> [B, T, C, h, w]."""
@@ -310,7 +311,7 @@ class VideoDiT(nn.Module):
             x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats, pos)
             per_layer.append(stats)
         out = self.unpatchify(self.final_layer(x, c, Nf), h, w)
-        return out, _merge_stats(per_layer)
+        return out, _merge_stats(per_layer, C)
 
     def select_fov(self, bank, K, c2w, chunk_start, hw, ctx=None):
         a = self.args.attention
@@ -324,11 +325,17 @@ class VideoDiT(nn.Module):
                                  eligible, chunk_start, a.fov_age_penalty)
 
 
-def _merge_stats(per_layer: list[dict]) -> dict:
-    """Layer-averaged scalars plus the per-layer selections (for retrieval heatmaps)."""
+def _merge_stats(per_layer: list[dict], frames: int) -> dict:
+    """Layer-averaged scalars, dispersion per chunk frame [B, C] (mean over layers, heads and the frame's
+    tokens), plus the per-layer selections (for retrieval heatmaps)."""
     out = {"layers": per_layer, "attended_tokens": per_layer[0]["attended_tokens"] if per_layer else 0}
     for key in ("gate_sgm", "gate_alm", "gate_coarse", "entropy", "entropy_sgm"):
         vals = [s[key] for s in per_layer if key in s]
         if vals:
             out[key] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean()
+    for key in ("dispersion_low", "dispersion_high"):
+        vals = [s[key] for s in per_layer if key in s]                       # each [B, H, N]
+        if vals:
+            per_token = torch.stack(vals).float().mean(dim=(0, 2))           # [B, N]
+            out[key] = per_token.view(per_token.shape[0], frames, -1).mean(-1)   # [B, C]
     return out

@@ -161,6 +161,35 @@ def expected_logit(q, k, key_bias=None, key_mask=None, scale=None):
     return lse, e
 
 
+def mass_split(q, k, lse, key_bias=None, key_mask=None, low=0.02, high=0.05, scale=None):
+    """Attention mass on weak and strong keys (the paper's dispersion measure), no grad.
+
+    With weights p = exp(logit - lse) (lse [..., Nq]: the log-normaliser of the *whole* softmax these keys
+    are part of), returns per query (sum of p < low, sum of p > high), fp32 / fp64.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    work = _lse_dtype(q)
+    if k.shape[-2] == 0:
+        z = torch.zeros(q.shape[:-1], dtype=work, device=q.device)
+        return z, z.clone()
+    nq, nk = q.shape[-2], k.shape[-2]
+    step = max(1, _MATH_MAX_ELEMENTS // max(1, max(1, math.prod(q.shape[:-2])) * nk))
+    lows, highs = [], []
+    with torch.no_grad():
+        kw = k.to(work)
+        for s in range(0, nq, step):
+            logits = (q[..., s:s + step, :].to(work) * scale) @ kw.transpose(-1, -2)            # [..., nq', Nk]
+            if key_bias is not None:
+                logits = logits + key_bias.to(work).unsqueeze(-2)
+            p = torch.exp(logits - lse[..., s:s + step, None].to(work))
+            if key_mask is not None:
+                p = p * key_mask.unsqueeze(-2)
+            lows.append((p * (p < low)).sum(-1))
+            highs.append((p * (p > high)).sum(-1))
+    return torch.cat(lows, -1), torch.cat(highs, -1)
+
+
 def _attend_fused(q, k, v, key_bias, key_mask, scale, name):
     """Fused kernels: flatten leading dims, fold bias/mask into one extra key feature."""
     lead, nq, d = q.shape[:-2], q.shape[-2], q.shape[-1]

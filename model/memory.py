@@ -74,6 +74,10 @@ class LocalMemory:
         """Combine partial attentions over disjoint bank shards (identity on one process)."""
         return out, lse
 
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a statistic over the group's ranks, no gradient (the value itself on one process)."""
+        return x
+
     def window_kv(self, bank: BankLayer | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """K/V of global bank frames [lo, hi), replicated on every rank: [B, H, n, N_f, d] each."""
         if bank is None or hi <= lo:

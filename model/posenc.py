@@ -5,7 +5,7 @@ Each head's channels are split into groups (DESIGN §3.4, the paper's recipe):
   camera    PRoPE ("Cameras as Relative Positional Encoding"): the frame's projective
             camera P̃ = [[K̂, 0], [0, 1]] · T_wc (4x4; K̂ the intrinsics normalised by the
             frame size, T_wc world-to-camera) acts on each 4-channel sub-vector
-  spatial   2-D axial RoPE over the token's (row, column) in the latent token grid
+  spatial   2-D axial RoPE over the token's (row, column) in the latent token grid, normalised to (-1, 1)
   temporal  1-D RoPE over the frame's global index in the clip
   plain     channels left untransformed (what does not divide into the groups)
 
@@ -21,6 +21,7 @@ ordinary tensors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,19 @@ def rope_angles(pos: torch.Tensor, n_freq: int, base: float) -> torch.Tensor:
     return pos.to(torch.float64).unsqueeze(-1) * freqs
 
 
+def grid_angles(coord: torch.Tensor, size: int, n_freq: int, span: float) -> torch.Tensor:
+    """Rotation angles [..., n_freq] of token coordinates [...] on an axis of ``size`` tokens.
+
+    Coordinates are normalised to (-1, 1), so the lowest frequency (π/2) turns the whole axis by less
+    than π: two tokens never alias, however few channels a head has (integer positions at 1 rad per
+    token, the text-RoPE default, alias 6 tokens apart when a head has one frequency per axis). The
+    others grow geometrically by ``span`` over the frequencies, down to fine sub-token detail.
+    """
+    x = (coord.to(torch.float64) + 0.5) / size * 2 - 1
+    freqs = (math.pi / 2) * span ** (torch.arange(n_freq, dtype=torch.float64, device=coord.device) / max(n_freq, 1))
+    return x.unsqueeze(-1) * freqs
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[2i], x[2i+1]) of x [..., 2n] by angles with cos/sin broadcastable to [..., n]."""
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)                                   # [..., n] each
@@ -85,12 +99,13 @@ class TokenPositions:
     """The transforms of one stream's tokens: T frames of N_f tokens each (block-major, as the model keeps them).
 
     cam: P̃ per frame [B, T, 4, 4] or None (no PRoPE); grid: (row, col) per token [N_f, 2] or None (no
-    spatial RoPE); frame_index: [T] or None (no temporal RoPE).
+    spatial RoPE) on a grid of grid_hw tokens; frame_index: [T] or None (no temporal RoPE).
     """
 
     def __init__(self, split: ChannelSplit, frame_tokens: int, cam: torch.Tensor | None = None,
                  grid: torch.Tensor | None = None, frame_index: torch.Tensor | None = None,
-                 spatial_base: float = 100.0, temporal_base: float = 10000.0):
+                 grid_hw: tuple[int, int] | None = None, spatial_span: float = 64.0,
+                 temporal_base: float = 10000.0):
         self.split, self.Nf = split, frame_tokens
         self.cam = self.cam_inv = None
         if cam is not None and split.camera:
@@ -98,7 +113,9 @@ class TokenPositions:
         self.sp = self.t = None
         if grid is not None and split.spatial:
             n = split.spatial // 4                                                       # frequencies per axis
-            ang = torch.cat([rope_angles(grid[:, 0], n, spatial_base), rope_angles(grid[:, 1], n, spatial_base)], -1)
+            gh, gw = grid_hw or (int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1)
+            ang = torch.cat([grid_angles(grid[:, 0], gh, n, spatial_span),
+                             grid_angles(grid[:, 1], gw, n, spatial_span)], -1)
             self.sp = (ang.cos(), ang.sin())                                             # [N_f, spatial/2] each
         if frame_index is not None and split.temporal:
             ang = rope_angles(frame_index, split.temporal // 2, temporal_base)           # [T, temporal/2]

@@ -121,7 +121,7 @@ def test_coarse_branch_gives_every_candidate_block_score_a_gradient():
 @pytest.mark.parametrize("T,chunk_start,W", [(6, 6, 2), (9, 7, 3), (5, 5, 1), (8, 8, 8)])
 def test_all_blocks_equals_dense(T, chunk_start, W):
     Nf, Bs, D, H = 8, 4, 16, 2
-    m = make(dim=D, heads=H, block_size=Bs, top_k=10_000, window=W, merge="joint", retrieval_bias=False)
+    m = make(dim=D, heads=H, block_size=Bs, top_k=10_000, window=W, merge="joint", retrieval_bias=False, coarse=False)
     mem = torch.randn(1, T * Nf, D, dtype=F64, requires_grad=True)
     x = torch.randn(1, 2 * Nf, D, dtype=F64, requires_grad=True)
 
@@ -200,7 +200,7 @@ def test_memory_stream_is_local_and_causal():
 
 def test_unselected_blocks_get_zero_gradient_and_scores_get_gradient():
     B, H, T, Nf, d, Bs = 1, 2, 10, 8, 8, 4
-    m = make(dim=16, heads=H, block_size=Bs, top_k=2, window=2, merge="joint")
+    m = make(dim=16, heads=H, block_size=Bs, top_k=2, window=2, merge="joint", coarse=False)
     kb = torch.randn(B, H, T, Nf, d, dtype=F64, requires_grad=True)
     vb = torch.randn(B, H, T, Nf, d, dtype=F64, requires_grad=True)
     kp = pool_blocks(kb.detach(), Bs).view(B, H, T, Nf // Bs, d).requires_grad_(True)  # separate leaf for scores
@@ -287,6 +287,37 @@ def test_sgm_entropy_bounded_while_dense_grows():
     assert ent["decmem"][-1] - ent["decmem"][0] < 1.0, ent
 
 
+@pytest.mark.parametrize("strategy", ["dense", "decmem", "window"])
+def test_dispersion_matches_the_explicit_softmax(strategy):
+    """Mass on keys of weight < 0.02 / > 0.05 per query, against the read's softmax written out in full."""
+    Nf, Bs, T, t0, W, D, H = 8, 4, 12, 10, 3, 16, 2
+    m = make(strategy, dim=D, heads=H, block_size=Bs, top_k=2, window=W, seed=3)
+    kb, vb, bank = random_bank(1, H, T, Nf, D // H, Bs)
+    x = torch.randn(1, 2 * Nf, D, dtype=F64) * 2                          # sharp enough for both classes to occur
+    with torch.no_grad():
+        _, stats = m(x, bank, t0, Nf, return_stats=True)
+        q, kc, _ = m._heads(x)
+    keys = {"dense": kb[:, :, :t0].flatten(2, 3), "window": kb[:, :, t0 - W + 1:t0].flatten(2, 3)}
+    if strategy == "decmem":   # the SGM read: each query block's selected blocks (biased) + the chunk
+        logits = []
+        for j in range(2 * Nf // Bs):
+            idx, sc = stats["selected"][0, :, j], stats["selected_scores"][0, :, j]      # [H, k]
+            bias = torch.log_softmax(sc, -1).repeat_interleave(Bs, -1)                  # [H, k*Bs]
+            kk = torch.stack([kb[0, h].flatten(0, 1).view(-1, Bs, D // H)[idx[h]].flatten(0, 1) for h in range(H)])
+            qj = q[0, :, j * Bs:(j + 1) * Bs]
+            logits.append(torch.cat([qj @ kk.transpose(-1, -2) / math.sqrt(D // H) + bias[:, None],
+                                     qj @ kc[0].transpose(-1, -2) / math.sqrt(D // H)], -1))
+        p_all = [torch.softmax(lg, -1) for lg in logits]
+    else:
+        full = torch.cat([keys[strategy][0], kc[0]], 1)                                  # [H, n_keys, d]
+        p_all = [torch.softmax(q[0] @ full.transpose(-1, -2) / math.sqrt(D // H), -1)]
+    p = torch.cat(p_all, dim=1)                                                         # [H, N, n_keys]
+    low, high = (p * (p < 0.02)).sum(-1), (p * (p > 0.05)).sum(-1)
+    torch.testing.assert_close(stats["dispersion_low"][0], low, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(stats["dispersion_high"][0], high, atol=1e-12, rtol=1e-10)
+    assert 0 < float(high.mean()) < 1 and (strategy == "window" or float(low.mean()) > 0)
+
+
 def test_bad_geometry_is_a_clear_error():
     m = make(block_size=3)
     with pytest.raises(ValueError, match="block_size=3"):
@@ -328,4 +359,7 @@ def test_decmem_never_attends_the_whole_bank(monkeypatch):
     m = make(dim=16, heads=2, block_size=Bs, top_k=k, window=W)
     _, _, bank = random_bank(1, 2, T, Nf, 8, Bs)
     m(torch.randn(1, 2 * Nf, 16, dtype=F64), bank, T, Nf)
-    assert calls and max(calls) <= max(k * Bs, (W - 1) * Nf, 2 * Nf) < T * Nf
+    token_calls = [c for c in calls if c <= max(k * Bs, (W - 1) * Nf, 2 * Nf)]
+    # the rest is the coarse branch: one pooled key per candidate block (Bs x fewer than tokens), once
+    assert calls and token_calls and sorted(set(calls) - set(token_calls)) == [(T - (W - 1)) * Nf // Bs]
+    assert len(calls) - len(token_calls) == 1 and (T - (W - 1)) * Nf // Bs < T * Nf

@@ -106,15 +106,18 @@ def _keys_per_query(m, bank_frames, monkeypatch):
                  bank_frames, bank)
     monkeypatch.setattr(att, "attend", real)
     per_layer = sum(seen) // m.args.depth  # each call's keys are read by each of its queries once
-    assert per_layer == stats["attended_tokens"]
-    return per_layer
+    pooled = stats["layers"][0]["attended_pooled"]                    # the coarse branch: one key per old block
+    assert per_layer == stats["attended_tokens"] + pooled
+    return per_layer - pooled, pooled
 
 
 @pytest.mark.parametrize("strategy", ["decmem", "window", "dense"])
 def test_attended_tokens_vs_bank_size(strategy, monkeypatch):
     m = tiny(strategy)
-    counts = [_keys_per_query(m, n, monkeypatch) for n in (8, 16, 32)]
+    counts, pooled = map(list, zip(*[_keys_per_query(m, n, monkeypatch) for n in (8, 16, 32)]))
     Nf = 16  # 8x8 latents, patch 2
+    W, n_b = 3, 4                                                        # tiny(): window 3, blocks of 4 tokens
+    assert pooled == ([(n - (W - 1)) * n_b for n in (8, 16, 32)] if strategy == "decmem" else [0, 0, 0])
     if strategy == "dense":
         assert counts == [n * Nf + 2 * Nf for n in (8, 16, 32)]          # linear in bank frames
     else:

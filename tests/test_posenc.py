@@ -87,13 +87,13 @@ def test_rope_dot_products_depend_only_on_relative_offsets():
     k = torch.randn(1, 2, 3 * Nf, d, generator=g, dtype=F64)
 
     def logits(grid_shift, t_shift):
-        pos = TokenPositions(split, Nf, grid=grid + grid_shift, frame_index=torch.arange(3) + t_shift)
+        pos = TokenPositions(split, Nf, grid=grid + grid_shift, frame_index=torch.arange(3) + t_shift, grid_hw=(4, 4))
         return pos.query(q) @ pos.key(k).transpose(-1, -2)
 
     base = logits(torch.tensor([0, 0]), 0)
     torch.testing.assert_close(logits(torch.tensor([5, -3]), 17), base, atol=1e-11, rtol=1e-11)
     # a change of relative position does change them (the encoding is not a no-op)
-    pos = TokenPositions(split, Nf, grid=grid.flip(0), frame_index=torch.arange(3))
+    pos = TokenPositions(split, Nf, grid=grid.flip(0), frame_index=torch.arange(3), grid_hw=(4, 4))
     assert (pos.query(q) @ pos.key(k).transpose(-1, -2) - base).abs().max() > 1e-2
 
 
@@ -140,3 +140,32 @@ def test_rigid_motion_of_the_whole_trajectory_leaves_the_model_unchanged(strateg
     other = c2w.clone()
     other[0, 2] = G @ other[0, 2]                                               # one frame moved alone: it changes
     assert abs(loss(other) - base) > 1e-6
+
+
+def test_position_prior_scores_same_view_same_cell_highest():
+    """At init the q/k biases add exactly position_prior logits for the same view and cell, less for any other."""
+    from model.attention import DecMemAttention
+
+    hw, D, H, prior = (8, 8), 64, 2, 12.0
+    d = D // H
+    att = DecMemAttention(D, H, AttentionArgs(block_size=4, position_prior=prior))
+    att.init_position_prior(ChannelSplit.for_head(d), camera=True, spatial=True)
+    with torch.no_grad():
+        att.qkv.weight.zero_()                                         # only the biases: the prior itself
+    T, Nf = 4, 16
+    K, c2w = random_cameras(T, hw, seed=7)
+    c2w[0, 1] = c2w[0, 0]                                               # frame 1 revisits frame 0's view
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(Nf, 2)
+    pos = TokenPositions(ChannelSplit.for_head(d), Nf, prope_matrices(K.float(), c2w.float(), hw), grid,
+                         torch.arange(T), (4, 4))
+    with torch.no_grad():
+        q, k, _ = att._heads(torch.randn(1, T * Nf, D), pos)
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(d))[0]                # [H, T*Nf, T*Nf]
+    same = torch.eye(Nf, dtype=torch.bool)
+    for h in range(H):
+        for a, b in ((0, 0), (0, 1), (2, 2)):                          # same view (own frame, or the revisit)
+            blk = logits[h, a * Nf:(a + 1) * Nf, b * Nf:(b + 1) * Nf]
+            torch.testing.assert_close(blk[same], torch.full((Nf,), prior), atol=1e-4, rtol=1e-5)
+            assert float(blk[~same].max()) < prior - 0.1                # another cell of the same view: less
+        other = logits[h, :Nf, 2 * Nf:3 * Nf]                            # another view (random rotation)
+        assert float(other[same].max()) < prior - 0.1

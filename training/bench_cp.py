@@ -16,14 +16,14 @@ import torch.multiprocessing as mp
 def _worker(rank, world, port, cfg_dict, T, out_path):
     from model.dit import VideoDiT
     from training.bench_attention import orbit_cameras
-    from training.config import load_config
+    from training.config import config_from_dict
     from training.context_parallel import CPMemory, Layout, build_groups
     from training.cp_check import init
     from training.run_config import RunConfig
 
     init(rank, world, port)
     try:
-        cfg = load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in _flat(cfg_dict).items()])
+        cfg = config_from_dict(RunConfig, cfg_dict)
         torch.manual_seed(0)
         model = VideoDiT(cfg.model).eval()
         b = cfg.bench_generate
@@ -60,13 +60,6 @@ def _worker(rank, world, port, cfg_dict, T, out_path):
                 json.dump(rows, f)
     finally:
         dist.destroy_process_group()
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):

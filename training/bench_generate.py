@@ -9,7 +9,6 @@ encoding the chunk into the bank) is timed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -35,10 +34,10 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
     from model.dit import VideoDiT
     from model.rollout import rollout
     from training.bench_attention import orbit_cameras
-    from training.config import load_config
+    from training.config import config_from_dict
     from training.run_config import RunConfig
 
-    cfg = load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(cfg_dict).items()])
+    cfg = config_from_dict(RunConfig, cfg_dict)
     b = cfg.bench_generate
     if b.threads:
         torch.set_num_threads(b.threads)
@@ -75,16 +74,6 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def run_generate_bench(cfg, strategies, bank_frames, json_path=None, log=print):

@@ -91,6 +91,23 @@ def cmd_bench_train(args) -> int:
     return rc
 
 
+def cmd_bench_memory(args) -> int:
+    from training.bench_memory import format_table, parse_runs, run_memory_bench
+    from training.plots import write_bench_outputs
+
+    cfg = _load(args)
+    if args.steps is not None:
+        cfg.bench_memory.steps = args.steps
+    runs = parse_runs(args.strategies, args.variant, args.ablation)
+    if args.json:
+        dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")
+    rows = run_memory_bench(cfg, runs, args.json, args.jobs, log=lambda s: print(s, flush=True))
+    print()
+    print(format_table(rows, cfg.bench_memory.taus, last_only=True))
+    write_bench_outputs("memory", args.json)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from training.generate import generate
 
@@ -366,6 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
     _add_config_args(trn)
     trn.set_defaults(func=cmd_bench_train)
+
+    mem = bsub.add_parser("memory", help="the exact-revisit probe: does the model learn to read its memory?",
+                          description="Train the configured model per strategy (and variant) on the exact-revisit "
+                                      "probe: bank frames of random textures, each with its own camera; the target "
+                                      "chunk revisits old bank frames with their cameras. Held-out velocity loss at "
+                                      "bench_memory.taus and recall@k of the true source blocks, every "
+                                      "bench_memory.eval_every steps.")
+    mem.add_argument("--strategies", type=_strategies, default=_strategies("decmem,dense,window"),
+                     help="comma-separated strategies, each trained with the config as is (default: decmem,dense,window)")
+    mem.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                     help="one more run: decmem (or model.attention.strategy=...) with these overrides; repeatable")
+    mem.add_argument("--ablation", action="store_true",
+                     help="add one decmem run per option of the memory recipe switched against the config")
+    mem.add_argument("--steps", type=int, default=None, help="training steps per run (overrides bench_memory.steps)")
+    mem.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    mem.add_argument("--json", default=None, help="write the rows (every evaluation of every run) to this path")
+    _add_config_args(mem)
+    mem.set_defaults(func=cmd_bench_memory)
 
     from data_pipeline.sources import FORMATS
     from model.attention import STRATEGIES

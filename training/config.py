@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -35,6 +36,16 @@ def load_config(cls, path: str | None = None, overrides: typing.Sequence[str] = 
         _set_dotted(data, key, value, f"override '{item}'")
         origin[key] = f"override '{item}'"
     return _build(cls, data, prefix="", origin=origin, default_src=path or "<defaults>")
+
+
+def config_from_dict(cls, data: dict, overrides: typing.Sequence[str] = ()):
+    """Rebuild a config from ``to_dict``'s output (e.g. in a spawned process), then ``key=value`` overrides."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    return load_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in flat(data).items()] + list(overrides))
 
 
 def dump_config(cfg, path: str) -> None:

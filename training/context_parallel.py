@@ -188,6 +188,13 @@ class CPMemory:
         lse = torch.where(empty, torch.full_like(den, -math.inf), m + torch.log(den_safe))
         return out, lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
+    def all_sum(self, x):
+        """Sum of a statistic (no gradient) over the cp group."""
+        x = x.detach().clone()
+        self._count("stats", x)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
     def window_kv(self, bank, lo: int, hi: int):
         """Frames [lo, hi) of the bank, assembled on every rank from whichever ranks hold them."""
         if hi <= lo or bank is None:

@@ -96,6 +96,9 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
                 if not torch.allclose(st["entropy"], ref_st["entropy"], atol=tol * 10, rtol=tol * 10):
                     raise AssertionError(f"{name}: attention entropy {st['entropy'].item()} != single-process "
                                          f"{ref_st['entropy'].item()}")
+                for key in ("dispersion_low", "dispersion_high"):          # masses add up across the group
+                    if not torch.allclose(st[key], ref_st[key], atol=tol * 10, rtol=tol * 10):
+                        raise AssertionError(f"{name}: {key} {st[key].tolist()} != single-process {ref_st[key].tolist()}")
             if not torch.allclose(loss, ref_loss, atol=tol, rtol=tol):
                 raise AssertionError(f"{name}: loss {loss.item()} != single-process {ref_loss.item()}")
             if "selected" in ref_stats["layers"][0]:

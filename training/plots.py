@@ -375,9 +375,20 @@ def format_targets(targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PLOTS = {"attention": plot_attention, "generate": plot_generate, "cp": plot_cp, "data": plot_data, "train": plot_train}
+def plot_memory(rows: list[dict], path: str) -> None:
+    from training.bench_memory import plot_memory as plot
+    plot(rows, path)
+
+
+def targets_memory(rows: list[dict]) -> list[dict]:
+    from training.bench_memory import targets_memory as targets
+    return targets(rows)
+
+
+PLOTS = {"attention": plot_attention, "generate": plot_generate, "cp": plot_cp, "data": plot_data, "train": plot_train,
+         "memory": plot_memory}
 TARGETS = {"attention": targets_attention, "generate": targets_generate, "cp": targets_cp, "data": targets_data,
-           "train": targets_train}
+           "train": targets_train, "memory": targets_memory}
 
 
 def write_bench_outputs(kind: str, json_path: str | None, log=print) -> list[dict]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from data_pipeline.loader import DataArgs
 from model.diffusion import DiffusionArgs
 from model.dit import ModelArgs
+from training.bench_memory import MemoryProbeArgs
 from training.checkpoint import CheckpointArgs
 from training.config import register_root
 from training.metrics import LogArgs
@@ -84,3 +85,4 @@ class RunConfig:
     log: LogArgs = field(default_factory=LogArgs)
     bench: AttentionBenchArgs = field(default_factory=AttentionBenchArgs)
     bench_generate: GenerateBenchArgs = field(default_factory=GenerateBenchArgs)
+    bench_memory: MemoryProbeArgs = field(default_factory=MemoryProbeArgs)
