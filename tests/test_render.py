@@ -196,20 +196,20 @@ def test_deterministic_given_seed(clip):
 
 def test_find_inputs(tmp_path):
     d = render.find_inputs("scenes=3,frames=16,hw=48x80,seed=7")
-    assert d == [{"id": f"render-{s:05d}", "seed": s, "frames": 16, "hw": [48, 80]} for s in (7, 8, 9)]
+    assert d == [{"id": f"render-{s:05d}", "seed": s, "frames": 16, "hw": [48, 80], "path": "tour"} for s in (7, 8, 9)]
     assert render.find_inputs("") == render.find_inputs("scenes=4,frames=128,hw=64x64,seed=0")
     assert all("." not in x["id"] for x in d) and json.loads(json.dumps(d)) == d
     (tmp_path / "r.json").write_text(json.dumps({"scenes": 2, "hw": [32, 32]}))
     (tmp_path / "r.yaml").write_text("scenes: 2\nhw: 32x32\nseed: 0\n")
     assert render.find_inputs(str(tmp_path / "r.json")) == render.find_inputs(str(tmp_path / "r.yaml"))
-    want = {"id": "render-00001", "seed": 1, "frames": 128, "hw": [32, 32]}
+    want = {"id": "render-00001", "seed": 1, "frames": 128, "hw": [32, 32], "path": "tour"}
     assert render.find_inputs(str(tmp_path / "r.json"))[1] == want
 
 
 @pytest.mark.parametrize("spec, word", [
     ("scenes=0", "scenes"), ("frames=abc", "frames"), ("hw=64x", "hw"), ("hw=4x64", "hw"),
     ("seed=-1", "seed"), ("size=3", "size"), ("scenes=2,scenes=3", "scenes"), ("frames", "frames"),
-    ("missing.yaml", "missing.yaml"), ("frames=2.5", "frames"),
+    ("missing.yaml", "missing.yaml"), ("frames=2.5", "frames"), ("path=spiral", "path"),
 ])
 def test_find_inputs_rejects_bad_specs(spec, word):
     with pytest.raises(ValueError, match=word.replace(".", r"\.")):
