@@ -113,8 +113,9 @@ def test_tensorboard_tags(straight):
     acc.Reload()
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/step_seconds", "perf/data_seconds",
-                "perf/tokens_per_s", "memory/bank_tokens", "attention/gate_sgm", "attention/gate_alm",
-                "attention/entropy", "rollout/mse_vs_ground_truth"):
+                "perf/tokens_per_s", "memory/bank_tokens", "attention/gate_sgm", "attention/gate_coarse",
+                "attention/entropy", "attention/dispersion_low", "attention/dispersion_high",
+                "rollout/mse_vs_ground_truth"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert "retrieval/heatmap_query_frame_x_bank_frame" in images
     assert "rollout/ground_truth_vs_generated" in images

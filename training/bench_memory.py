@@ -39,6 +39,8 @@ class MemoryProbeArgs:
 
     bank_frames: int = 12            # F: textured frames in the bank, one camera each
     yaw_deg: float = 30.0            # yaw between consecutive bank cameras
+    pitch_levels: int = 1            # rings of cameras at different pitch, for banks longer than one turn of yaw
+    pitch_deg: float = 15.0          # pitch between rings
     fov_deg: float = 60.0            # horizontal and vertical field of view
     latent_h: int = 16               # frame size (pixels codec: 3 channels)
     latent_w: int = 16
@@ -51,13 +53,19 @@ class MemoryProbeArgs:
     eval_every: int = 100
     eval_samples: int = 16
     taus: tuple = (0.3, 0.6, 0.9)    # τ at which held-out velocity loss is reported (recall at the largest)
+    seeds: int = 1                   # repeats of every run (model init and data stream seed + i; same held-out set)
     threads: int = 0                 # torch threads per run process (0: cores / jobs)
 
     def __post_init__(self):
         for key in ("bank_frames", "latent_h", "latent_w", "texture_cells", "steps", "batch", "eval_every",
-                    "eval_samples"):
+                    "eval_samples", "seeds"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
+        ring = round(360 / self.yaw_deg) if self.yaw_deg > 0 else 1
+        if self.bank_frames > ring * self.pitch_levels:
+            raise ValueError(f"bank_frames={self.bank_frames}: only {ring} x {self.pitch_levels} distinct cameras with "
+                             f"yaw_deg={self.yaw_deg:g} and pitch_levels={self.pitch_levels}; two bank frames with one "
+                             "camera would make the source ambiguous (raise pitch_levels)")
         if not self.taus or not all(0 < t < 1 for t in self.taus):
             raise ValueError(f"taus: expected values in (0, 1), got {self.taus!r}")
         self.taus = tuple(float(t) for t in self.taus)
@@ -68,13 +76,21 @@ class MemoryProbeArgs:
 #################################################################################
 
 def probe_cameras(p: MemoryProbeArgs, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K [n, 3, 3] (pixels) and c2w [n, 4, 4] (OpenCV axes): one centre, yaw p.yaw_deg * i about the y axis."""
+    """K [n, 3, 3] (pixels) and c2w [n, 4, 4] (OpenCV axes): one centre, camera i at yaw p.yaw_deg * i about the
+    y axis and, once per turn of yaw, on the next ring of pitch (rings p.pitch_deg apart, centred on level)."""
     h, w = p.latent_h, p.latent_w
     f = 0.5 * h / math.tan(math.radians(p.fov_deg) / 2)
     K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]]).expand(n, 3, 3).clone()
-    a = torch.deg2rad(p.yaw_deg * torch.arange(n, dtype=torch.float64))
+    i = torch.arange(n, dtype=torch.float64)
+    yaw = torch.deg2rad(p.yaw_deg * i)
+    ring = (i // round(360 / p.yaw_deg)) if p.yaw_deg > 0 else torch.zeros_like(i)
+    pitch = torch.deg2rad(p.pitch_deg * (ring - (p.pitch_levels - 1) / 2))
+    Ry = torch.zeros(n, 3, 3, dtype=torch.float64)
+    Ry[:, 0, 0], Ry[:, 0, 2], Ry[:, 1, 1], Ry[:, 2, 0], Ry[:, 2, 2] = yaw.cos(), yaw.sin(), 1, -yaw.sin(), yaw.cos()
+    Rx = torch.zeros(n, 3, 3, dtype=torch.float64)
+    Rx[:, 0, 0], Rx[:, 1, 1], Rx[:, 1, 2], Rx[:, 2, 1], Rx[:, 2, 2] = 1, pitch.cos(), -pitch.sin(), pitch.sin(), pitch.cos()
     c2w = torch.eye(4, dtype=torch.float64).repeat(n, 1, 1)
-    c2w[:, 0, 0], c2w[:, 0, 2], c2w[:, 2, 0], c2w[:, 2, 2] = a.cos(), a.sin(), -a.sin(), a.cos()
+    c2w[:, :3, :3] = Ry @ Rx
     return K, c2w.float()
 
 
@@ -151,8 +167,11 @@ def recall(stats: dict, source: torch.Tensor, model, p: MemoryProbeArgs) -> dict
 #################################################################################
 
 def train_run(cfg_dict: dict, name: str, strategy: str, overrides: list[str], threads: int = 0,
-              log_path: str | None = None) -> list[dict]:
-    """Train the configured model with ``strategy`` + ``overrides`` on the probe; one row per evaluation."""
+              log_path: str | None = None, seed: int = 0) -> list[dict]:
+    """Train the configured model with ``strategy`` + ``overrides`` on the probe; one row per evaluation.
+
+    ``seed`` shifts the model's initialisation and the training stream; the held-out set stays the same.
+    """
     from model.diffusion import DiffusionArgs, rectified_flow_loss
     from model.dit import VideoDiT
     from training.config import config_from_dict
@@ -162,18 +181,19 @@ def train_run(cfg_dict: dict, name: str, strategy: str, overrides: list[str], th
     p = cfg.bench_memory
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + seed)
     model = VideoDiT(cfg.model)
     C, W = cfg.model.chunk_frames, cfg.model.attention.window
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup)))
     diff = DiffusionArgs(**vars(cfg.diffusion))
-    g_data, g_noise = torch.Generator().manual_seed(PROBE_SEED), torch.Generator().manual_seed(PROBE_SEED + 1)
+    g_data = torch.Generator().manual_seed(PROBE_SEED + 2 * seed)
+    g_noise = torch.Generator().manual_seed(PROBE_SEED + 2 * seed + 1)
     g_eval = torch.Generator().manual_seed(EVAL_SEED)
     held = probe_batch(p, C, W, p.eval_samples, g_eval)
     noise = torch.randn(held["latents"][:, p.bank_frames:].shape, generator=g_eval)
     rows, losses, t0 = [], [], time.perf_counter()
-    base = {"run": name, "strategy": strategy, "overrides": overrides, "model_size": cfg.model.size,
+    base = {"run": name, "seed": seed, "strategy": strategy, "overrides": overrides, "model_size": cfg.model.size,
             "params": sum(q.numel() for q in model.parameters()), "top_k": cfg.model.attention.top_k,
             "window": W, "block_size": cfg.model.attention.block_size, "bank_frames": p.bank_frames,
             "threads": torch.get_num_threads()}
@@ -187,7 +207,8 @@ def train_run(cfg_dict: dict, name: str, strategy: str, overrides: list[str], th
         rows.append(row)
         if log_path:
             with open(log_path, "a") as f:
-                f.write(json.dumps({k: row[k] for k in ("run", "step", "seconds", "recall", *_loss_keys(p))}) + "\n")
+                f.write(json.dumps({k: row[k] for k in ("run", "seed", "step", "seconds", "recall", *_loss_keys(p))})
+                        + "\n")
 
     record(0)
     for step in range(1, p.steps + 1):
@@ -223,14 +244,17 @@ def run_memory_bench(cfg, runs: list[tuple[str, str, list[str]]], json_path: str
     progress = (os.path.splitext(json_path)[0] + ".progress.jsonl") if json_path else None
     if progress and os.path.exists(progress):
         os.remove(progress)
-    work = [(to_dict(cfg), name, strategy, list(ov), threads, progress) for name, strategy, ov in runs]
-    log(f"memory probe: {len(runs)} runs x {p.steps} steps, {jobs} at a time, {threads} thread(s) each"
+    work = [(to_dict(cfg), name, strategy, list(ov), threads, progress, seed)
+            for seed in range(p.seeds) for name, strategy, ov in runs]
+    log(f"memory probe: {len(runs)} runs x {p.seeds} seed(s) x {p.steps} steps, {jobs} at a time, "
+        f"{threads} thread(s) each"
         + (f"; progress in {progress}" if progress else ""))
     rows = []
     if jobs <= 1:
         for w in work:
-            rows += train_run(*w)
-            log(format_table([r for r in rows if r["run"] == w[1]], p.taus, last_only=True))
+            got = train_run(*w)
+            rows += got
+            log(format_table(got, p.taus, last_only=True))
     else:
         with mp.get_context("spawn").Pool(jobs) as pool:
             for got in pool.imap(_worker, work):
@@ -278,8 +302,32 @@ def parse_runs(strategies: list[str], variants: list[str], ablation: bool) -> li
     return runs
 
 
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per (run, step): losses, recall and seconds averaged over seeds, with ``seeds`` and the
+    largest / smallest per-seed value of each loss and of recall (``*_max`` / ``*_min``)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["run"], r["step"]), []).append(r)
+    out = []
+    for (_, _), rs in groups.items():
+        m = dict(rs[0], seeds=len(rs))
+        m.pop("seed", None)
+        for k in [k for k in rs[0] if k.startswith("loss_tau")] + ["recall", "seconds", "train_loss"]:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            m[k] = sum(vals) / len(vals) if vals else None
+            if k.startswith("loss_tau") or k == "recall":
+                m[f"{k}_min"], m[f"{k}_max"] = (min(vals), max(vals)) if vals else (None, None)
+        if rs[0].get("recall_layer_head") is not None:
+            lh = [r["recall_layer_head"] for r in rs]
+            m["recall_layer_head"] = [[round(sum(x[i][j] for x in lh) / len(lh), 4) for j in range(len(lh[0][i]))]
+                                      for i in range(len(lh[0]))]
+        out.append(m)
+    return out
+
+
 def format_table(rows: list[dict], taus=(0.3, 0.6, 0.9), last_only: bool = False) -> str:
-    """Markdown: per run (and step), held-out losses, recall@k and chance."""
+    """Markdown: per run (and step), held-out losses, recall@k and chance (means over seeds)."""
+    rows = seed_means(rows)
     keys = [f"loss_tau{t:g}" for t in taus]
     lines = ["| run | step | " + " | ".join(f"loss τ={t:g}" for t in taus) + " | recall@k | chance | s |",
              "|---|---:|" + "---:|" * len(taus) + "---:|---:|---:|"]
@@ -294,11 +342,43 @@ def format_table(rows: list[dict], taus=(0.3, 0.6, 0.9), last_only: bool = False
     return "\n".join(lines)
 
 
+def ablation_table(rows: list[dict], baseline: str = "window", factor: float = 0.3) -> str:
+    """Markdown: per run, the first step its loss at the largest τ is < factor x the baseline's, and that ratio
+    and recall@k at a few steps (means over seeds; the ratio's range over seeds in brackets)."""
+    per_seed = {(r["run"], r.get("seed", 0), r["step"]): r for r in rows}
+    rows = seed_means(rows)
+    tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau") and k[-4:] not in ("_min", "_max"))
+    key = f"loss_tau{tau:g}"
+    base = {r["step"]: r[key] for r in rows if r["run"] == baseline}
+    steps = sorted(base)
+    show = [s for s in steps if s in (100, 200, 300, 500)] + steps[-1:]
+    show = sorted(set(show) - {0})
+    lines = [f"| run | seeds | first step < {factor:g}x {baseline} | "
+             + " | ".join(f"loss/{baseline} (recall) @ {s}" for s in show) + " |",
+             "|---|---:|---:|" + "---|" * len(show)]
+    for name in dict.fromkeys(r["run"] for r in rows):
+        rs = {r["step"]: r for r in rows if r["run"] == name}
+        first = next((s for s in steps if s > 0 and s in rs and rs[s][key] < factor * base[s]), None)
+        cells = []
+        for s in show:
+            if s not in rs:
+                cells.append("-")
+                continue
+            seeds = [per_seed[k][key] / base[s] for k in per_seed if k[0] == name and k[2] == s]
+            spread = f" [{min(seeds):.2f}-{max(seeds):.2f}]" if len(seeds) > 1 else ""
+            rec = f" ({rs[s]['recall']:.2f})" if rs[s]["recall"] is not None else ""
+            cells.append(f"{rs[s][key] / base[s]:.2f}{spread}{rec}")
+        lines.append(f"| {name} | {rs[steps[-1]]['seeds'] if steps[-1] in rs else '-'} | "
+                     f"{first if first is not None else 'never'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_memory(rows: list[dict], path: str) -> None:
     """Left: held-out loss at the largest τ vs step per run. Right: recall@k vs step, chance dashed."""
     from training.plots import figure, line_plot, save_figure
 
-    tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau"))
+    rows = seed_means(rows)
+    tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau") and k[-4:] not in ("_min", "_max"))
     key = f"loss_tau{tau:g}"
     runs = list(dict.fromkeys(r["run"] for r in rows))
     fig, (a, b) = figure(2, (13, 5))
@@ -320,11 +400,14 @@ def plot_memory(rows: list[dict], path: str) -> None:
 
 def targets_memory(rows: list[dict], run: str = "decmem", baseline: str = "window", factor: float = 0.3,
                    within: int = 500) -> list[dict]:
-    """decmem's held-out loss at the largest τ < factor x window's (same step) within ``within`` steps."""
+    """decmem's held-out loss at the largest τ (mean over seeds) < factor x window's (same step) within ``within``
+    steps."""
     from training.plots import target
 
     out = []
-    tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau")) if rows else 0.9
+    rows = seed_means(rows)
+    tau = max(float(k[len("loss_tau"):]) for k in rows[0]
+              if k.startswith("loss_tau") and k[-4:] not in ("_min", "_max")) if rows else 0.9
     key = f"loss_tau{tau:g}"
     name = f"memory probe: {run} loss at τ={tau:g} < {factor:g} x {baseline}'s within {within} steps"
     dec = {r["step"]: r for r in rows if r["run"] == run}

@@ -311,9 +311,12 @@ class Trainer:
                    "train/skipped_steps": 0.0,
                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                    "memory/bank_tokens": float(stats.get("bank_tokens", 0))}
-        for key in ("gate_sgm", "gate_alm", "entropy"):
+        for key in ("gate_sgm", "gate_alm", "gate_coarse", "entropy"):
             if key in stats:
                 scalars[f"attention/{key}"] = float(stats[key])
+        for key in ("dispersion_low", "dispersion_high"):       # the paper's dispersion: mass on weights < .02 / > .05
+            if key in stats:
+                scalars[f"attention/{key}"] = float(stats[key].mean())
         if self.ctx is not None:
             scalars["cp/bytes_per_step"] = float(sum(self.ctx.bytes_moved().values()))
         ls = self.loader.stats                           # cumulative counts of what the loader skipped
