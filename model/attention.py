@@ -9,8 +9,18 @@ Query-stream branches, each one ``attend`` call returning (out, lse):
   chunk   the chunk's own tokens (all C frames, bidirectional)
   window  bank frames [t0 - W + 1, t0)                       (ALM)
   sel     retrieved bank blocks, older than the window       (SGM / baselines)
-SGM = merge(sel, chunk); ALM = merge(window, chunk); the gate mixes them, or a
-joint LSE merge(sel, window, chunk) gives one softmax over the union.
+  coarse  each query block's pooled query over the pooled K/V of every block
+          older than the window                              (decmem, optional)
+SGM = merge(sel, chunk); ALM = merge(window, chunk). Merges (``merge``):
+  residual  o = ALM + G_s * SGM            the paper: ALM is the base, SGM a gated residue
+  gate      o = G_s * SGM + G_a * ALM
+  joint     o = merge(sel, window, chunk)  one softmax over the union
+and the coarse branch adds G_c * coarse. Gates are per head and token, sigmoid of
+a linear map of the current features. The coarse logits are the retrieval scores
+themselves, so every candidate block's score gets a gradient (the top-k selection
+alone passes one only to the blocks it picked, through the retrieval bias).
+Positions (PRoPE camera, 2-D and temporal RoPE: model/posenc.py) transform q, k,
+v before these calls and the merged output after; the bank holds K/V transformed.
 Tokens are block-major inside each frame (see model/blocks.py).
 """
 from __future__ import annotations

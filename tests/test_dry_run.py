@@ -161,9 +161,11 @@ def _hand_count(cfg) -> int:
     """VideoDiT parameters from the architecture, written out by hand."""
     m = cfg.model
     D, H, p, C, hid = m.dim, m.n_heads, m.patch_size, m.latent_channels, int(m.dim * m.mlp_ratio)
-    block = (D * 3 * D + 3 * D) + (D * D + D) + (D * 2 * H + 2 * H)      # qkv, proj, SGM/ALM gate
+    a = m.attention
+    gates = {"residual": 1, "gate": 2, "joint": 0}[a.merge] + a.coarse     # per head: SGM (ALM) (coarse)
+    block = (D * 3 * D + 3 * D) + (D * D + D) + (D * gates * H + gates * H)   # qkv, proj, gates
     block += (D * hid + hid) + (hid * D + D) + (D * 6 * D + 6 * D)        # MLP, adaLN
-    embed = (C * p * p * D + D) + (6 * p * p * D + D) * m.camera          # patches, Plücker rays
+    embed = (C * p * p * D + D) + (6 * p * p * D + D) * (m.camera == "plucker")   # patches, Plücker rays
     embed += (256 * D + D) + (D * D + D) + (m.action_dim * D + D) * bool(m.action_dim)   # time MLP, actions
     final = (D * p * p * C + p * p * C) + (D * 2 * D + 2 * D)
     return m.depth * block + embed + final
@@ -248,7 +250,7 @@ def _measure(cfg, hw, chunk_starts, checkpoint_blocks=False):
         out = encode(*a, **k)
         for i in range(len(out)):
             layer = out.layer(i)
-            for t in (layer.k, layer.v, layer.k_pool):
+            for t in (layer.k, layer.v, layer.k_pool, layer.v_pool):
                 bank[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return out
 

@@ -41,7 +41,7 @@ def _worker(rank, world, port, cfg_dict, T, out_path):
             ctx.reset_bytes()
             _, stats = model(lat[:, T:], torch.full((1,), 0.5), K[:, T:], c2w[:, T:], T, bank, ctx=ctx)
         bank_bytes = sum(t.numel() * t.element_size() for i in range(len(bank)) for t in
-                         (bank.layer(i).k, bank.layer(i).v, bank.layer(i).k_pool))
+                         (bank.layer(i).k, bank.layer(i).v, bank.layer(i).k_pool, bank.layer(i).v_pool))
         n_b = bank.layer(0).blocks_per_frame
         owned = 0
         for s in stats["layers"]:
@@ -117,4 +117,4 @@ def _single_bank_bytes(cfg, T):
     with torch.no_grad():
         bank = model.encode_memory(torch.randn(1, T, cfg.model.latent_channels, b.latent_h, b.latent_w), K, c2w)
     return sum(t.numel() * t.element_size() for i in range(len(bank)) for t in
-               (bank.layer(i).k, bank.layer(i).v, bank.layer(i).k_pool))
+               (bank.layer(i).k, bank.layer(i).v, bank.layer(i).k_pool, bank.layer(i).v_pool))

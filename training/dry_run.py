@@ -360,7 +360,9 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         q_chunk += 2 * (W - 1) * Nf * batch * Dp      # the window's K/V
         if s == "decmem":
             q_tok += 2 * Dp + 2 * att.top_k * Dp + 2 * H * att.top_k
-            q_tok += 3 * D if att.merge == "gate" else D
+            q_tok += 3 * D if att.merge == "gate" else D  # gated products keep their branch outputs
+            if att.coarse:
+                q_tok += D                            # the coarse output, copied to each token of its block
         elif s == "fov_frames":
             q_tok += 2 * Dp + D
             q_chunk += 2 * att.fov_frames * Nf * batch * Dp
@@ -384,10 +386,12 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         activations = memory_stream + query_stream + head
     workspace = one_block                             # gradients of the block being back-propagated
 
-    # ---- memory bank: per layer, K and V of every local bank token. They are views of the fused qkv
-    # projection's output, so that whole [tokens, 3 D] buffer stays alive (q included), plus one pooled
-    # key per block of B tokens.
-    bank_kv = depth * Tm * (3 * D + D / Bs) * a
+    # ---- memory bank: per layer, K and V of every local bank token, plus one pooled key and value per block
+    # of B tokens. Without positions inside attention K/V are views of the fused qkv projection's output,
+    # so that whole [tokens, 3 D] buffer stays alive (q included); with PRoPE / RoPE they are transformed
+    # copies (2 D) and the projection's output is freed.
+    kv = 2 if (m.camera == "prope" or m.position == "rope") else 3
+    bank_kv = depth * Tm * (kv * D + 2 * D / Bs) * a
 
     # ---- cp collectives: each layer all-gathers the W-1 halo frames' K/V of every rank of the group
     cp_buffers = depth * layout.cp * 2 * (W - 1) * Nf * batch * D * a if layout.cp > 1 else 0

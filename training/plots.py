@@ -184,7 +184,7 @@ def plot_cp(rows: list[dict], path: str) -> None:
         styles.update({f"bank {T}": {"color": c}, f"ideal 1/cp, bank {T}": {"color": c, "linestyle": ":", "marker": ""}})
     line_plot(a, moved, "Bytes moved per layer by context parallelism (query stream)", "cp (ranks)",
               "MiB per layer (max over ranks)", logx=True, logy=True, styles=styles)
-    line_plot(b, mem, "Memory-bank bytes per rank (K, V, pooled K)", "cp (ranks)", "MiB per rank (max over ranks)",
+    line_plot(b, mem, "Memory-bank bytes per rank (K, V, pooled K and V)", "cp (ranks)", "MiB per rank (max over ranks)",
               logx=True, logy=True, styles=styles)
     save_figure(fig, path, rows)
 
