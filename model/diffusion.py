@@ -77,13 +77,17 @@ def timesteps(args: DiffusionArgs, device="cpu") -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, actions=None, generator=None,
-                 device="cpu", dtype=torch.float32, ctx=None):
-    """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps -> ([B, C, C_lat, h, w], last stats)."""
+                 device="cpu", dtype=torch.float32, ctx=None, stats=False):
+    """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps -> ([B, C, C_lat, h, w], last stats).
+
+    With ``stats`` the last step's forward also computes the read statistics (entropy, dispersion): only that
+    one, since they cost about as much again as the memory read itself.
+    """
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     ts = timesteps(args, device)
-    stats: dict = {}
+    last: dict = {}
     for i in range(args.sample_steps):
         tau = ts[i].expand(shape[0]).to(dtype)
-        v, stats = model(x, tau, K, c2w, chunk_start, bank, actions, ctx)
+        v, last = model(x, tau, K, c2w, chunk_start, bank, actions, ctx, stats and i == args.sample_steps - 1)
         x = x + (ts[i + 1] - ts[i]).to(dtype) * v
-    return x, stats
+    return x, last

@@ -12,7 +12,7 @@ from model.diffusion import DiffusionArgs, euler_sample
 
 @dataclass
 class Rollout:
-    """Generated latents with their timing."""
+    """Generated latents with their timing (and, with keep_stats, the memory read's dispersion)."""
 
     latents: torch.Tensor                                 # [B, N + M, C, h, w]: init frames then generated ones
     init_frames: int
@@ -22,6 +22,10 @@ class Rollout:
     bank: MemoryBank | None = None
     # per chunk: (chunk_start, [(selected [B, H, G, k], valid [B, H, G, k]) per layer]) of its last denoising step
     selections: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    # per generated latent (batch element 0), from its chunk's last denoising step: attention mass on keys of
+    # weight < 0.02 / > 0.05 in the memory read (mean over layers, heads and the frame's tokens)
+    dispersion_low: list[float] = field(default_factory=list)
+    dispersion_high: list[float] = field(default_factory=list)
 
     def seconds_per_latent(self) -> list[float]:
         """Per generated latent frame: its chunk's wall time (sampling + encoding) / frames kept."""
@@ -31,14 +35,15 @@ class Rollout:
 @torch.no_grad()
 def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, actions=None, generator=None,
             gt_latents=None, teacher_forcing: bool = False, bank: MemoryBank | None = None, on_chunk=None,
-            keep_selections: bool = False) -> Rollout:
+            keep_selections: bool = False, keep_stats: bool = False) -> Rollout:
     """Generate n_new latent frames after init_latents [B, N, C, h, w] along cameras K/c2w [B, >= N + n_new, ...].
 
     The bank starts from the N given frames (or from ``bank`` when resuming a
     paused rollout) and grows by one memory-stream encode of each chunk. With
     teacher_forcing the bank takes the ground-truth chunk (gt_latents) instead
     of the generated one: a diagnostic of how well the model reads its memory.
-    keep_selections records which bank blocks each chunk read (for recall@k).
+    keep_selections records which bank blocks each chunk read (for recall@k); keep_stats the dispersion of
+    each generated frame's read (its chunk's last denoising step computes the read statistics, at some cost).
     """
     B, N = init_latents.shape[:2]
     C = model.args.chunk_frames
@@ -61,7 +66,8 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         idx = torch.arange(t, t + C).clamp(max=K.shape[1] - 1)        # past the path's end: hold the last camera
         Kc, cc = K[:, idx], c2w[:, idx]
         ac = actions[:, idx] if actions is not None else None
-        x, stats = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt)
+        x, stats = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt,
+                                stats=keep_stats)
         keep = min(C, total - t)
         new = gt_latents[:, t:t + keep].to(dev, dt) if teacher_forcing else x[:, :keep]
         enc = model.encode_memory(new, Kc[:, :keep], cc[:, :keep], t, act(t, t + keep), past=bank)
@@ -77,6 +83,9 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         if keep_selections:
             res.selections.append((t, [(s["selected"].cpu(), s["selected_valid"].cpu())
                                        for s in stats.get("layers", []) if "selected" in s]))
+        if keep_stats:
+            res.dispersion_low += stats["dispersion_low"][0, :keep].tolist()              # [keep]
+            res.dispersion_high += stats["dispersion_high"][0, :keep].tolist()
         t += keep
         if on_chunk is not None:
             on_chunk(t - N, n_new, res)

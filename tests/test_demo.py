@@ -1,7 +1,8 @@
 """`decmem demo` at the debug size: every stage runs through its own subcommand, every artefact exists and decodes,
-and a re-run reuses the finished stages."""
+the minute-long rollout runs at a tiny size, and a re-run reuses the finished stages."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from training.evaluate import parse_report_table
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = [sys.executable, "-m", "training.cli", "demo", "--config", os.path.join(ROOT, "configs", "debug.yaml"),
         "--scenes", "2", "--frames", "48", "--segment-frames", "24", "--hw", "16x16", "--heldout-frames", "32",
-        "--init-frames", "12", "--steps", "12", "log.progress=false", "log.rollout_every=0"]
+        "--init-frames", "12", "--steps", "12", "--long-frames", "6", "--long-steps", "1", "--long-dense-frames", "2",
+        "log.progress=false", "log.rollout_every=0"]
 
 
 def decode(path):
@@ -27,8 +29,8 @@ def test_demo_chain_at_debug_size(tmp_path):
     r = subprocess.run([*DEMO, "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for stage in ("[1/5 data]", "[2/5 held-out]", "[3/5 train]", "[4/5 generate decmem]", "[4/5 generate window]",
-                  "[4/5 generate dense]", "[5/5 eval]"):
+    for stage in ("[1/6 data]", "[2/6 held-out]", "[3/6 train]", "[4/6 generate decmem]", "[4/6 generate window]",
+                  "[4/6 generate dense]", "[5/6 eval]", "[6/6 minute data]", "[6/6 minute eval]"):
         assert stage in r.stdout, f"no summary line for {stage}"
     assert "$ decmem train" in r.stdout and "--nproc 2" in r.stdout and "train.cp=2" in r.stdout
 
@@ -45,6 +47,30 @@ def test_demo_chain_at_debug_size(tmp_path):
     with Image.open(os.path.join(out, "revisits.png")) as im:
         im.verify()
 
+    # the minute-long rollout, here 6 frames (3 chunks) after 12, dense cut to 2
+    res = json.load(open(os.path.join(out, "minute", "eval.json")))
+    assert res["args"]["frames"] == 6 and res["args"]["frames_for"] == {"dense": 2}
+    assert res["weights"] == {s: os.path.join(out, "train", "checkpoints", "step-12", "weights")
+                              for s in ("decmem", "window", "dense")}
+    for name, n in (("decmem", 6), ("window", 6), ("dense", 2)):
+        row = res["clips"][0]["strategies"][name]
+        assert len(row["psnr"]) == len(row["dispersion_low"]) == len(row["dispersion_high"]) == n
+        assert len(row["chunk_seconds"]) == n // 2
+    section = report[report.index("## The minute-long rollout"):report.index("## How this was made")]
+    assert "![PSNR per generated frame over the minute](minute/frames.png)" in section
+    assert "**dense generated only its first 2 frames** (`--frames-for dense=2`)" in section
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| ") and "→" in line and "| strategy" not in line}
+    assert list(rows) == ["decmem", "window", "dense"] and [r[1] for r in rows.values()] == ["6", "6", "2"]
+    first, last = res["summary"]["window"]["dispersion_low_first"], res["summary"]["window"]["dispersion_low_last"]
+    assert rows["window"][5] == f"{first['mean']:.3f} → {last['mean']:.3f}"
+    cmd = section[section.index("Command: `") + 10:].split("`")[0]
+    assert cmd.startswith("decmem eval --weights ") and "--frames 6 " in cmd and "--frames-for dense=2" in cmd
+    assert "--strategies decmem,window,dense" in cmd and "--steps 1 " in cmd
+    for png in ("frames.png", "dispersion.png", "chunk_seconds.png"):
+        with Image.open(os.path.join(out, "minute", png)) as im:
+            im.verify()
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.path.join(out, "train", "tb"))
@@ -55,4 +81,33 @@ def test_demo_chain_at_debug_size(tmp_path):
     r = subprocess.run([*DEMO, "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("reused") == 6 and "$ decmem train" not in r.stdout and "$ decmem generate" not in r.stdout
+    assert r.stdout.count("reused") == 8 and "$ decmem train" not in r.stdout and "$ decmem generate" not in r.stdout
+    assert "$ decmem eval --weights" not in r.stdout and "## The minute-long rollout" in open(
+        os.path.join(out, "report.md")).read()
+
+
+def _manifest(root, inputs):
+    """A finished dataset's manifest.json holding these scene descriptors."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump({"shards": [{"name": "shard-000000.tar"}],
+                   "inputs": {d["id"]: {"status": "done", "input": d} for d in inputs}}, f)
+
+
+def test_a_dataset_of_another_render_spec_is_not_reused(tmp_path):
+    from data_pipeline.render import find_inputs
+    from training.demo import _manifest_done
+
+    spec = "scenes=2,frames=48,hw=16x16,seed=0,path=revisit"
+    _manifest(tmp_path / "same", find_inputs(spec))
+    assert _manifest_done(str(tmp_path / "same"), spec)
+    # the same scene ids, rendered along the tour path, for fewer frames, or at another size: not this dataset
+    for other in ("scenes=2,frames=48,hw=16x16,seed=0", "scenes=2,frames=40,hw=16x16,seed=0,path=revisit",
+                  "scenes=2,frames=48,hw=32x32,seed=0,path=revisit"):
+        _manifest(tmp_path / "other", find_inputs(other))
+        assert not _manifest_done(str(tmp_path / "other"), spec), other
+    # manifests from before the path key rendered the tour path
+    old = [{k: v for k, v in d.items() if k != "path"} for d in find_inputs("scenes=2,frames=48,hw=16x16,seed=0")]
+    _manifest(tmp_path / "old", old)
+    assert _manifest_done(str(tmp_path / "old"), "scenes=2,frames=48,hw=16x16,seed=0")
+    assert not _manifest_done(str(tmp_path / "old"), spec)

@@ -157,6 +157,17 @@ def rendered(tmp_path_factory):
     for p in model.parameters():                                  # untrained, but not the zero-init no-op
         torch.nn.init.normal_(p, std=0.02)
     save_weights(model, str(root / "weights"), cfg.diffusion)
+    # another model trained "the same way": its own init (position prior kept, so attention is not uniform and
+    # dispersion varies), outputs opened with small random weights
+    torch.manual_seed(1)
+    model = VideoDiT(cfg.model)
+    for name, p in model.named_parameters():
+        if "adaLN" in name or "final_layer" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    save_weights(model, str(root / "weights_b"), cfg.diffusion)
+    # the same network on coarser retrieval blocks: another latent geometry
+    cfg = load_config(RunConfig, "configs/debug.yaml", ["model.attention.block_size=16"])
+    save_weights(VideoDiT(cfg.model), str(root / "weights_blocks16"), cfg.diffusion)
     return root, data
 
 
@@ -170,7 +181,8 @@ def test_eval_protocol_end_to_end(rendered):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "eval.json").read_text())
-    assert len(res["clips"]) == 2 and res["sample_steps"] == 2
+    assert len(res["clips"]) == 2 and res["sample_steps"] == {n: 2 for n in strategies}
+    assert res["weights"] == {n: str(root / "weights") for n in strategies}
     assert res["lpips"].startswith(("unavailable", "computed")) and res["fvd"].startswith("unavailable")
     for c in res["clips"]:
         assert c["revisit_rule"] == "depth" and len(c["revisit"]) == len(c["coverage"]) == 6
@@ -202,7 +214,7 @@ def test_eval_protocol_end_to_end(rendered):
         assert list(tables[title]) == want, title
     assert tables["PSNR (dB), all generated frames"]["window"]["mean"] == pytest.approx(
         res["summary"]["window"]["psnr_all"]["mean"], abs=0.006)
-    for png in ("frames.png", "retrieval_heatmap.png"):
+    for png in ("frames.png", "retrieval_heatmap.png", "dispersion.png", "chunk_seconds.png"):
         img = Image.open(out / png)
         img.verify()
         assert img.size[0] >= 600 and img.size[1] >= 300
@@ -228,3 +240,116 @@ def test_eval_protocol_without_depth_uses_the_pose_rule(rendered, tmp_path):
     with pytest.raises(ValueError, match="no clip has 40 latent frames"):
         run_eval(EvalArgs(weights=str(root / "weights"), data=str(tmp_path / "clip.npz"), init_frames=30, frames=10,
                           strategies=["window"]), str(tmp_path / "out2"))
+
+
+#################################################################################
+#              Per-strategy weights, dispersion, long-rollout options           #
+#################################################################################
+
+def _quiet(*_):
+    pass
+
+
+def test_each_strategy_reads_its_own_weights(rendered, tmp_path):
+    from training.eval_protocol import EvalArgs, run_eval
+
+    root, data = rendered
+    a, b = str(root / "weights"), str(root / "weights_b")
+    kw = dict(data=str(data), init_frames=8, frames=4, clips=1, sample_steps=1, min_gap=2)
+    one = run_eval(EvalArgs(weights=a, strategies=["decmem", "window"], **kw), str(tmp_path / "one"), log=_quiet)
+    two = run_eval(EvalArgs(weights=f"decmem={a},window={b}", **kw), str(tmp_path / "two"), log=_quiet)
+    assert two["args"]["strategies"] == ["decmem", "window"]                 # the mapping's keys, in its order
+    assert two["weights"] == {"decmem": a, "window": b}
+    row = lambda r, n: r["clips"][0]["strategies"][n]  # noqa: E731
+    assert row(two, "decmem")["psnr"] == row(one, "decmem")["psnr"]          # same weights, same seed
+    assert not np.allclose(row(two, "window")["psnr"], row(one, "window")["psnr"])
+    md = (tmp_path / "two" / "eval.md").read_text()
+    assert f"decmem `{a}`" in md and f"window `{b}`" in md
+    with pytest.raises(ValueError, match=r"no weights for \['dense'\]"):
+        run_eval(EvalArgs(weights=f"decmem={a}", strategies=["decmem", "dense"], **kw), str(tmp_path / "x"))
+
+
+def test_weights_of_another_geometry_are_refused_in_one_line(rendered, tmp_path, capsys):
+    from training.cli import main
+
+    root, data = rendered
+    a, c = str(root / "weights"), str(root / "weights_blocks16")
+    rc = main(["eval", "--weights", f"decmem={a},window={c}", "--data", str(data), "--init-frames", "8",
+               "--frames", "4", "--clips", "1", "--steps", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and not (tmp_path / "out").exists()
+    assert f"weights {a} (decmem) and {c} (window) differ in retrieval block size 4 vs 16" in err
+
+
+def test_dispersion_chunk_seconds_frames_for_and_recall_every(rendered, tmp_path):
+    from training.eval_protocol import EvalArgs, run_eval
+
+    root, data = rendered
+    kw = dict(weights=str(root / "weights_b"), data=str(data), init_frames=8, frames=10, clips=1, sample_steps=1,
+              min_gap=2, strategies=["decmem", "dense", "window"])
+    res = run_eval(EvalArgs(frames_for={"dense": 4}, recall_every=2, **kw), str(tmp_path / "a"), log=_quiet)
+    (c,) = res["clips"]
+    for name, n in (("decmem", 10), ("dense", 4), ("window", 10)):
+        row, s = c["strategies"][name], res["summary"][name]
+        low, high = np.asarray(row["dispersion_low"]), np.asarray(row["dispersion_high"])
+        assert row["generated_latents"] == n and len(row["psnr"]) == len(low) == len(high) == n
+        assert len(row["chunk_seconds"]) == n // 2 and all(t > 0 for t in row["chunk_seconds"])
+        assert ((low >= 0) & (low <= 1) & (high >= 0) & (high <= 1) & (low + high <= 1 + 1e-6)).all()
+        assert np.ptp(low) > 0                                        # varies: the quarters below mean something
+        # the summary, recomputed from the per-frame / per-chunk arrays
+        q = max(1, n // 4)
+        for key, x in (("dispersion_low", low), ("dispersion_high", high)):
+            assert s[key]["mean"] == pytest.approx(x.mean())
+            assert s[f"{key}_first"]["mean"] == pytest.approx(x[:q].mean())
+            assert s[f"{key}_last"]["mean"] == pytest.approx(x[-q:].mean())
+        cs = np.asarray(row["chunk_seconds"])
+        k = max(1, len(cs) // 10)
+        assert s["chunk_s_first"]["mean"] == pytest.approx(cs[:k].mean())
+        assert s["chunk_s_last"]["mean"] == pytest.approx(cs[-k:].mean())
+        assert s["chunk_s_ratio"]["mean"] == pytest.approx(cs[-k:].mean() / cs[:k].mean())
+        # --frames-for: the summary counts only the frames the strategy generated
+        rev, psnr = np.asarray(c["revisit"][:n]), np.asarray(row["psnr"])
+        assert s["psnr_all"]["mean"] == pytest.approx(psnr.mean())
+        assert s["psnr_revisit"]["clips"] == int(rev.any()) and s["psnr_novel"]["clips"] == int((~rev).any())
+        if rev.any():
+            assert s["psnr_revisit"]["mean"] == pytest.approx(psnr[rev].mean())
+    assert len(c["revisit"]) == 10
+    md = (tmp_path / "a" / "eval.md").read_text()
+    assert "dense generated only 4 of the 10 latents" in md and "`--frames-for dense=4`" in md
+    tables = parse_tables(md)
+    assert tables["seconds per chunk, last 10% / first 10%"]["dense"]["mean"] == pytest.approx(
+        res["summary"]["dense"]["chunk_s_ratio"]["mean"], abs=6e-4)
+    for png in ("dispersion.png", "chunk_seconds.png"):
+        with Image.open(tmp_path / "a" / png) as im:
+            im.verify()
+
+    # --recall-every 2 scores chunks 0, 2, 4 (frames 0-1, 4-5, 8-9) of the same rollout that recall_every 1 scores
+    full = run_eval(EvalArgs(frames_for={"dense": 4}, recall_every=1, **kw), str(tmp_path / "b"), log=_quiet)
+    (f,) = full["clips"]
+    assert c["scored_frames"] == [0, 1, 4, 5, 8, 9] and f["scored_frames"] == list(range(10))
+    rows = c["scored_frames"]
+    np.testing.assert_allclose(np.asarray(c["true_overlap"]), np.asarray(f["true_overlap"])[rows])
+    part, whole = c["strategies"]["decmem"], f["strategies"]["decmem"]
+    np.testing.assert_allclose(np.asarray(part["heatmap"]), np.asarray(whole["heatmap"])[rows])
+    assert part["queries"] * 5 == whole["queries"] * 3                    # 3 of 5 chunks, the same entries each
+
+
+def test_long_rollout_frames_plot_is_smoothed(tmp_path):
+    from training.eval_plots import _smooth, plot_frames
+
+    y = np.r_[np.zeros(10), np.ones(10)]
+    np.testing.assert_allclose(_smooth(np.full(7, 3.0), 5), 3.0)          # ends averaged over fewer, not zeros
+    np.testing.assert_allclose(_smooth(y, 3)[8:12], [0, 1 / 3, 2 / 3, 1])
+    rng = np.random.default_rng(0)
+
+    def clip(n, limited):
+        s = {"decmem": {"psnr": rng.normal(20, 1, n), "ssim": rng.random(n)},
+             "dense": {"psnr": rng.normal(20, 1, limited), "ssim": rng.random(limited)}}
+        return {"generated_frames": list(range(n)), "revisit": list(rng.random(n) < 0.5), "strategies": s}
+
+    assert plot_frames(str(tmp_path / "long.png"), [clip(600, 40)], ["decmem", "dense"]) == 11
+    assert plot_frames(str(tmp_path / "short.png"), [clip(16, 16)], ["decmem", "dense"]) == 1
+    with Image.open(tmp_path / "long.png") as im:
+        assert im.size == (1200, 450)                                    # one wide PSNR panel
+    with Image.open(tmp_path / "short.png") as im:
+        assert im.size == (800, 600)                                     # PSNR and SSIM

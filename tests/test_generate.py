@@ -69,3 +69,38 @@ def test_generate_through_a_time_compressing_autoencoder(tmp_path):
     # 5 latents decode to 1 + 4*4 = 17 frames; latent 2 (the first generated) stands for frame 8
     assert len(info["frames"]) == 17 and read_mp4(str(out / "rollout.mp4")).shape[:3] == (17, 32, 32)
     assert [f["kind"] for f in info["frames"]].index("generated") == 8
+
+
+def test_rollout_keeps_dispersion_per_frame_from_each_chunks_last_step():
+    from model.diffusion import DiffusionArgs
+    from model.rollout import rollout
+
+    torch.manual_seed(0)
+    model = VideoDiT(ModelArgs(size="debug", chunk_frames=2, attention=AttentionArgs(block_size=16, window=3,
+                                                                                     strategy="dense"))).eval()
+    for p in model.parameters():                       # untrained, but attention not uniform and v not zero
+        torch.nn.init.normal_(p, std=0.3)
+    calls = []
+    forward = model.forward
+
+    def spy(*a, **kw):
+        calls.append(bool(a[8] if len(a) > 8 else kw.get("return_stats", False)))
+        return forward(*a, **kw)
+
+    model.forward = spy
+    K = torch.tensor([[8.0, 0, 8], [0, 8, 8], [0, 0, 1]]).expand(1, 10, 3, 3)
+    c2w = torch.eye(4).expand(1, 10, 4, 4).clone()
+    c2w[0, :, 0, 3] = torch.linspace(0, 1, 10)
+    init = torch.randn(1, 5, 3, 16, 16)
+    r = rollout(model, DiffusionArgs(sample_steps=3), init, K, c2w, 5, generator=torch.Generator().manual_seed(0),
+                keep_stats=True)
+    # chunks of 2, 2, 1: three steps each, read statistics on the last one only
+    assert calls == [False, False, True] * 3
+    low, high = np.array(r.dispersion_low), np.array(r.dispersion_high)
+    assert len(low) == len(high) == len(r.seconds_per_latent()) == 5
+    assert ((low >= 0) & (low <= 1) & (high >= 0) & (high <= 1) & (low + high <= 1 + 1e-6)).all()
+    assert np.ptp(low) > 0 and np.ptp(high) > 0                # per frame, not one value per rollout
+    calls.clear()
+    plain = rollout(model, DiffusionArgs(sample_steps=3), init, K, c2w, 5, generator=torch.Generator().manual_seed(0))
+    assert not any(calls) and plain.dispersion_low == [] and plain.dispersion_high == []
+    torch.testing.assert_close(plain.latents, r.latents)       # the statistics change nothing generated

@@ -92,7 +92,7 @@ def cmd_bench_train(args) -> int:
 
 
 def cmd_bench_memory(args) -> int:
-    from training.bench_memory import format_table, parse_runs, run_memory_bench
+    from training.bench_memory import ablation_table, format_table, parse_runs, run_memory_bench
     from training.plots import write_bench_outputs
 
     cfg = _load(args)
@@ -104,6 +104,9 @@ def cmd_bench_memory(args) -> int:
     rows = run_memory_bench(cfg, runs, args.json, args.jobs, log=lambda s: print(s, flush=True))
     print()
     print(format_table(rows, cfg.bench_memory.taus, last_only=True))
+    if any(r["run"] == "window" for r in rows):
+        print()
+        print(ablation_table(rows))
     write_bench_outputs("memory", args.json)
     return 0
 
@@ -262,16 +265,20 @@ def cmd_eval(args) -> int:
 
 def _eval_protocol(args) -> int:
     from training.config import ConfigError
-    from training.eval_protocol import EvalArgs, run_eval
+    from training.eval_protocol import EvalArgs, parse_frames_for, run_eval
 
     if not args.data or args.runs or args.clip:
         print("decmem eval --weights needs --data and takes no --clip / --runs", file=sys.stderr)
         return 2
-    ea = EvalArgs(weights=args.weights, data=args.data, init_frames=args.init_frames, frames=args.frames,
-                  strategies=args.strategies, clips=args.clips, sample_steps=args.steps or 0, seed=args.seed,
-                  device=args.device, min_gap=args.min_gap, revisit_coverage=args.revisit_coverage,
-                  overlap=args.overlap, pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
     try:
+        frames_for = dict(parse_frames_for(f) for f in args.frames_for)
+        if len(frames_for) < len(args.frames_for):
+            raise ValueError(f"--frames-for names a strategy twice: {' '.join(args.frames_for)}")
+        ea = EvalArgs(weights=args.weights, data=args.data, init_frames=args.init_frames, frames=args.frames,
+                      strategies=args.strategies or [], frames_for=frames_for, recall_every=args.recall_every,
+                      clips=args.clips, sample_steps=args.steps or 0, seed=args.seed, device=args.device,
+                      min_gap=args.min_gap, revisit_coverage=args.revisit_coverage, overlap=args.overlap,
+                      pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
         res = run_eval(ea, args.out, log=lambda s: print(s, flush=True))
     except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"decmem: {e}", file=sys.stderr)
@@ -285,8 +292,10 @@ def cmd_demo(args) -> int:
 
     a = DemoArgs(out=args.out, config=args.config, scenes=args.scenes, frames=args.frames,
                  segment_frames=args.segment_frames, hw=args.hw, heldout_frames=args.heldout_frames,
-                 init_frames=args.init_frames, heldout_seed=args.heldout_seed, nproc=args.nproc, cp=args.cp, steps=args.steps,
-                 strategies=tuple(args.strategies), overrides=list(args.overrides))
+                 init_frames=args.init_frames, heldout_seed=args.heldout_seed, long_frames=args.long_frames,
+                 long_seed=args.long_seed, long_steps=args.long_steps, long_dense_frames=args.long_dense_frames,
+                 nproc=args.nproc, cp=args.cp, steps=args.steps, strategies=tuple(args.strategies),
+                 overrides=list(args.overrides))
     try:
         run_demo(a, log=lambda s: print(s, flush=True))
     except (ValueError, FileNotFoundError) as e:
@@ -513,17 +522,27 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Two forms. (1) The protocol: --weights W --data D: for each of --clips clips, "
                                     "initialise the bank with --init-frames ground-truth latents, generate --frames "
                                     "along the true camera path with every strategy, and score PSNR/SSIM on revisited "
-                                    "vs novel frames (depth + poses), recall@k of overlapping bank blocks, LPIPS if "
-                                    "its weights are cached. Writes eval.json, eval.md, frames.png, "
+                                    "vs novel frames (depth + poses), recall@k of overlapping bank blocks, attention "
+                                    "dispersion and seconds per chunk over the rollout, LPIPS if its weights are "
+                                    "cached. Writes eval.json, eval.md, frames.png, dispersion.png, chunk_seconds.png, "
                                     "retrieval_heatmap.png. (2) --clip C --runs DIR...: score existing `decmem "
                                     "generate` outputs (revisit by pose); writes compare.mp4, revisits.png, "
                                     "eval.json, report.md.")
-    ev.add_argument("--weights", default=None, help="(protocol) weights folder (model.safetensors + config.yaml)")
+    ev.add_argument("--weights", default=None, metavar="DIR | STRATEGY=DIR[,STRATEGY=DIR...]",
+                    help="(protocol) one weights folder (model.safetensors + config.yaml) that every strategy reads, "
+                         "or one folder per strategy (separately trained models; same codec and latent geometry)")
     ev.add_argument("--data", default=None, help="(protocol) dataset folder / prefix / shard, local or s3://")
     ev.add_argument("--init-frames", type=int, default=24, help="(protocol) latents given to the model")
     ev.add_argument("--frames", type=int, default=16, help="(protocol) latents generated")
-    ev.add_argument("--strategies", type=_strategies, default=["decmem", "dense", "dense_decay", "fov_frames", "window"],
-                    help="(protocol) comma-separated strategies, in table order")
+    ev.add_argument("--strategies", type=_strategies, default=None,
+                    help="(protocol) comma-separated strategies, in table order (default: the strategies --weights "
+                         "names, or decmem,dense,dense_decay,fov_frames,window for one folder)")
+    ev.add_argument("--frames-for", action="append", default=[], metavar="STRATEGY=M",
+                    help="(protocol) roll this strategy out for only M latents (a slow one, e.g. dense on CPU); its "
+                         "metrics cover only those; repeatable")
+    ev.add_argument("--recall-every", type=int, default=0, metavar="N",
+                    help="(protocol) score recall@k and the heatmaps on every N-th chunk only (default: every chunk "
+                         "up to 32 chunks, else about 32 chunks spread over the rollout)")
     ev.add_argument("--clips", type=int, default=4, help="(protocol) clips evaluated, first in shard order")
     ev.add_argument("--steps", type=int, default=0, help="(protocol) sampling steps (default: the weights')")
     ev.add_argument("--seed", type=int, default=0)
@@ -544,13 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the init frame revisited must be at least this many frames older (not the local window's)")
     ev.set_defaults(func=cmd_eval)
 
+    from training.demo import DemoArgs
+
     dm = sub.add_parser("demo", help="the main job: render -> shards -> train (dp=1 x cp=2) -> generate -> eval",
                         description="Chain ordinary decmem subcommands: preprocess (render MiniWorld scenes whose "
                                     "camera paths revisit places, and one held-out scene), train (DeepSpeed ZeRO-3, 2 "
                                     "local processes, dp=1 x cp=2), generate (one rollout per strategy along the "
                                     "held-out clip, bank initialised from its first frames), eval (revisit PSNR/SSIM, "
-                                    "compare.mp4, revisits.png, report.md). Each stage prints its command, so it can "
-                                    "be rerun alone with other options; finished stages are reused on a re-run.")
+                                    "compare.mp4, revisits.png, report.md), then the minute-long rollout (one more "
+                                    "held-out scene, --long-frames generated frames per strategy with `decmem eval "
+                                    "--weights`: PSNR per frame, seconds per chunk, dispersion; a report section). "
+                                    "Each stage prints its command, so it can be rerun alone with other options; "
+                                    "finished stages are reused on a re-run.")
     dm.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for the train stage")
     dm.add_argument("--out", default="runs/demo", help="the demo's run directory")
     dm.add_argument("--config", default="configs/demo.yaml")
@@ -560,7 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--hw", default="32x32", help="frame size HxW")
     dm.add_argument("--heldout-frames", type=int, default=64, help="frames of the held-out clip")
     dm.add_argument("--init-frames", type=int, default=24, help="ground-truth frames put in the bank")
-    dm.add_argument("--heldout-seed", type=int, default=1024, help="render seed of the held-out scene")
+    dm.add_argument("--heldout-seed", type=int, default=DemoArgs.heldout_seed, help="render seed of the held-out scene")
+    dm.add_argument("--long-frames", type=int, default=DemoArgs.long_frames,
+                    help="minute-long rollout: frames generated after --init-frames (600 = 60 s at 10 fps)")
+    dm.add_argument("--long-seed", type=int, default=DemoArgs.long_seed,
+                    help="minute-long rollout: render seed of its held-out scene")
+    dm.add_argument("--long-steps", type=int, default=DemoArgs.long_steps,
+                    help="minute-long rollout: Euler steps per chunk")
+    dm.add_argument("--long-dense-frames", type=int, default=DemoArgs.long_dense_frames,
+                    help="minute-long rollout: frames dense generates (its chunks slow down as the bank grows)")
     dm.add_argument("--nproc", type=int, default=2)
     dm.add_argument("--cp", type=int, default=2)
     dm.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")

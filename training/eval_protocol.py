@@ -11,15 +11,28 @@ along the ground-truth camera path, and the decoded frames are compared with the
 * Retrieval (``decmem``, ``fov_frames``): a bank block is *relevant* to a query frame when at least ``overlap``
   of its pixels are visible in that frame's ground-truth view; recall@k = |read ∩ relevant| / min(k, |relevant|)
   per (layer, head, query block) at the last denoising step, with precision and chance (|relevant| / candidates).
+  Long rollouts score every ``recall_every``-th chunk only (by default about 32 chunks in all), so the geometry
+  grows linearly with the number of generated latents, not quadratically (600 after 24 take seconds).
+* Attention dispersion per generated latent (the paper's measure): the memory read's softmax mass on keys of
+  weight < 0.02 (*low*) and > 0.05 (*high*) at its chunk's last denoising step; means over all generated frames
+  and over their first vs last quarter (dense spreads ever more mass over negligible keys as the bank grows).
+* Seconds per chunk (sampling + encoding into the bank, plus the read statistics of the last step): the list per
+  strategy, and the mean of the first vs the last 10% of the chunks with their ratio.
 * LPIPS when torchvision's AlexNet weights are already in the torch hub cache (never downloaded); FVD is not
   computed (no I3D weights ship with DecMem). Both are reported with the reason.
 
+``weights`` is one folder (the strategy is an inference-time switch of the same weights) or
+``STRATEGY=DIR[,STRATEGY=DIR...]``: separately trained models, which must share the codec and latent geometry.
+``frames_for`` rolls a slow strategy out for fewer latents; its per-frame metrics cover only those.
+
 Outputs: ``eval.json`` (every number, per-frame arrays), ``eval.md`` (a table per metric × strategy),
-``frames.png`` (PSNR / SSIM over frame index per strategy) and ``retrieval_heatmap.png``.
+``frames.png`` (PSNR / SSIM over frame index per strategy; long rollouts: smoothed PSNR, the paper's Fig. 7),
+``dispersion.png``, ``chunk_seconds.png`` and ``retrieval_heatmap.png``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -33,6 +46,7 @@ from training.evaluate import _clean, _fmt, frame_metrics, revisit_mask
 from training.overlap import block_overlap, coverage, pixel_blocks
 
 RETRIEVING = ("decmem", "fov_frames")
+ALL_STRATEGIES = ["decmem", "dense", "dense_decay", "fov_frames", "window"]   # one weights folder: every strategy
 METRICS = [  # (section title, key in a strategy's summary, format)
     ("PSNR (dB), revisited frames", "psnr_revisit", ".2f"), ("PSNR (dB), novel frames", "psnr_novel", ".2f"),
     ("PSNR (dB), all generated frames", "psnr_all", ".2f"), ("SSIM, revisited frames", "ssim_revisit", ".4f"),
@@ -40,19 +54,63 @@ METRICS = [  # (section title, key in a strategy's summary, format)
     ("LPIPS, all generated frames", "lpips_all", ".4f"), ("recall@k of overlapping bank blocks", "recall", ".3f"),
     ("precision@k of overlapping bank blocks", "precision", ".3f"), ("seconds per generated latent", "s_per_latent",
                                                                       ".4g"),
+    ("dispersion: attention mass on weak keys (< 0.02), all generated frames", "dispersion_low", ".4f"),
+    ("dispersion: attention mass on weak keys (< 0.02), first quarter", "dispersion_low_first", ".4f"),
+    ("dispersion: attention mass on weak keys (< 0.02), last quarter", "dispersion_low_last", ".4f"),
+    ("dispersion: attention mass on strong keys (> 0.05), all generated frames", "dispersion_high", ".4f"),
+    ("dispersion: attention mass on strong keys (> 0.05), first quarter", "dispersion_high_first", ".4f"),
+    ("dispersion: attention mass on strong keys (> 0.05), last quarter", "dispersion_high_last", ".4f"),
+    ("seconds per chunk, first 10% of the chunks", "chunk_s_first", ".4g"),
+    ("seconds per chunk, last 10% of the chunks", "chunk_s_last", ".4g"),
+    ("seconds per chunk, last 10% / first 10%", "chunk_s_ratio", ".3f"),
 ]
 TABLE_HEAD = "| strategy | mean | std over clips | clips |"
+RECALL_CHUNKS = 32      # recall_every 0: score every chunk up to this many, else about this many spread evenly
+# What separately trained weights must share to be compared: frames decode, tile into tokens and retrieval
+# blocks (the relevance ground truth), and chunk the same way.
+GEOMETRY = [("codec", lambda c: c.codec), ("frame size", lambda c: list(c.frame_hw)),
+            ("latent channels", lambda c: c.model.latent_channels), ("patch size", lambda c: c.model.patch_size),
+            ("retrieval block size", lambda c: c.model.attention.block_size),
+            ("chunk frames", lambda c: c.model.chunk_frames), ("action size", lambda c: c.model.action_dim)]
+
+
+def weights_map(spec: str) -> dict[str, str]:
+    """``STRATEGY=DIR[,STRATEGY=DIR...]`` -> {strategy: DIR}; {} for one folder (which every strategy reads)."""
+    from model.attention import STRATEGIES
+
+    items = [i.strip() for i in spec.split(",")]
+    if not all(i.partition("=")[0].strip() in STRATEGIES and i.partition("=")[2].strip() for i in items):
+        return {}
+    out: dict[str, str] = {}
+    for name, _, folder in (i.partition("=") for i in items):
+        if name.strip() in out:
+            raise ValueError(f"eval: --weights names strategy {name.strip()!r} twice")
+        out[name.strip()] = folder.strip()
+    return out
+
+
+def parse_frames_for(s: str) -> tuple[str, int]:
+    """``STRATEGY=M`` (``--frames-for``) -> (strategy, M)."""
+    name, sep, n = (p.strip() for p in s.partition("="))
+    try:
+        if sep and int(n) >= 1:
+            return name, int(n)
+    except ValueError:
+        pass
+    raise ValueError(f"--frames-for: expected STRATEGY=M with M >= 1, got {s!r}")
 
 
 @dataclass
 class EvalArgs:
     """What ``decmem eval --weights`` measures and how a frame counts as revisited or a block as relevant."""
 
-    weights: str = ""
+    weights: str = ""                     # one folder, or STRATEGY=DIR[,STRATEGY=DIR...]
     data: str = ""
     init_frames: int = 24                 # latents given to the model (the bank starts from them)
     frames: int = 16                      # latents generated after them
-    strategies: list[str] = field(default_factory=lambda: ["decmem", "dense", "dense_decay", "fov_frames", "window"])
+    strategies: list[str] = field(default_factory=list)   # empty: the mapping's keys, or ALL_STRATEGIES
+    frames_for: dict = field(default_factory=dict)        # {strategy: latents}: fewer than ``frames`` for slow ones
+    recall_every: int = 0                 # score recall on every N-th chunk; 0: every chunk up to RECALL_CHUNKS
     clips: int = 4                        # the first clips (shard order) with init_frames + frames latents
     sample_steps: int = 0                 # 0: the weights' own diffusion.sample_steps
     seed: int = 0
@@ -66,17 +124,38 @@ class EvalArgs:
     angle_tol_deg: float = 20.0
 
     def validate(self) -> None:
+        """Check the arguments; empty ``strategies`` become the weights mapping's keys (or ALL_STRATEGIES)."""
         from model.attention import STRATEGIES
 
         for k in ("init_frames", "frames", "clips"):
             if getattr(self, k) < 1:
                 raise ValueError(f"eval: {k} must be >= 1, got {getattr(self, k)}")
+        per = weights_map(self.weights)
+        self.strategies = list(self.strategies or per or ALL_STRATEGIES)
         bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad or not self.strategies:
+        if bad:
             raise ValueError(f"eval: unknown strategies {bad}; expected a subset of {list(STRATEGIES)}")
+        if per and set(self.strategies) - set(per):
+            raise ValueError(f"eval: no weights for {sorted(set(self.strategies) - set(per))}: --weights names "
+                             f"{', '.join(per)}")
+        for name, n in self.frames_for.items():
+            if name not in self.strategies or not 1 <= n <= self.frames:
+                raise ValueError(f"eval: --frames-for {name}={n}: expected one of the evaluated strategies "
+                                 f"({', '.join(self.strategies)}) and 1 <= M <= --frames {self.frames}")
+        if self.recall_every < 0:
+            raise ValueError(f"eval: recall_every must be >= 0, got {self.recall_every}")
         for k in ("revisit_coverage", "overlap"):
             if not 0 < getattr(self, k) <= 1:
                 raise ValueError(f"eval: {k} must be in (0, 1], got {getattr(self, k)}")
+
+    def weights_for(self) -> dict[str, str]:
+        """{strategy: absolute weights folder} for the evaluated strategies."""
+        per = weights_map(self.weights)
+        return {s: os.path.abspath(per.get(s, self.weights)) for s in self.strategies}
+
+    def recall_stride(self, chunks: int) -> int:
+        """Score recall on chunks 0, N, 2N, ... of a rollout of ``chunks`` chunks: this N."""
+        return self.recall_every or max(1, math.ceil(chunks / RECALL_CHUNKS))
 
 
 #################################################################################
@@ -138,8 +217,9 @@ def _heat_rows(sel_layers, t0: int, keep: int, n_b: int, total: int) -> np.ndarr
     return rows
 
 
-def eval_clip(clip: dict, models: dict, diffusion, codec, args: EvalArgs, lpips_fn, log=print) -> dict:
-    """Every strategy on one clip: per-frame metrics, revisit split, retrieval recall and heatmaps."""
+def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs, lpips_fn, log=print) -> dict:
+    """Every strategy on one clip: per-frame metrics, revisit split, dispersion, chunk seconds, retrieval recall
+    and heatmaps (on the scored chunks)."""
     from model.rollout import rollout
     from training.generate import clip_inputs
 
@@ -148,8 +228,12 @@ def eval_clip(clip: dict, models: dict, diffusion, codec, args: EvalArgs, lpips_
     latents, K, c2w, actions, _ = clip_inputs(clip, codec, any_model, total, args.device)
     T_src, H, W = clip["frames"].shape[:3]
     first_gen = codec.frame_index(args.init_frames)
-    last = min(codec.frame_index(total - 1) + max(1, codec.temporal), T_src)    # source frames the rollout covers
-    gen_src = np.arange(first_gen, last)
+
+    def src_end(n: int) -> int:
+        """End (exclusive) of the source frames that the first n generated latents stand for."""
+        return min(codec.frame_index(args.init_frames + n - 1) + max(1, codec.temporal), T_src)
+
+    gen_src = np.arange(first_gen, src_end(args.frames))
     stride = args.stride or max(1, min(H, W) // 64)
     gap_src = args.min_gap * max(1, codec.temporal)
     if "depth" in clip:
@@ -157,12 +241,16 @@ def eval_clip(clip: dict, models: dict, diffusion, codec, args: EvalArgs, lpips_
         revisit, rule = cov >= args.revisit_coverage, "depth"
     else:
         cov = None
-        revisit = revisit_mask(clip["c2w"][:last], first_gen, args.pos_tol, args.angle_tol_deg, gap_src)[first_gen:]
+        revisit = revisit_mask(clip["c2w"][:gen_src[-1] + 1], first_gen, args.pos_tol, args.angle_tol_deg,
+                               gap_src)[first_gen:]
         rule = "pose"
     lay = any_model.layout(*latents.shape[-2:])
     n_b = lay.blocks_per_frame
     blocks = pixel_blocks(H, W, lay.h, lay.w, lay.tile, stride)
-    window = any_model.args.attention.window
+    C = any_model.args.chunk_frames                                  # shared: checked with the geometry
+    every = args.recall_stride(math.ceil(args.frames / C))
+    # the generated latents whose relevance is scored: those of chunks 0, every, 2 * every, ...
+    scored = [t for t in range(args.init_frames, total) if (t - args.init_frames) // C % every == 0]
     rel_cache: dict = {}
 
     def relevance(t: int, old: int) -> np.ndarray:
@@ -174,41 +262,51 @@ def eval_clip(clip: dict, models: dict, diffusion, codec, args: EvalArgs, lpips_
         return np.concatenate([rel_cache[f, t] for f in range(old)]) if old else np.zeros(0, bool)
 
     res_clip = {"video_id": clip.get("video_id"), "frames": int(T_src), "revisit_rule": rule,
-                "generated_frames": gen_src.tolist(), "revisit": revisit, "coverage": cov, "strategies": {}}
+                "generated_frames": gen_src.tolist(), "revisit": revisit, "coverage": cov, "recall_every": every,
+                "scored_frames": [t - args.init_frames for t in scored], "strategies": {}}
     gt = clip["frames"][gen_src]
     for name, model in models.items():
+        n_new = args.frames_for.get(name, args.frames)
+        n_src = src_end(n_new) - first_gen                                           # its generated source frames
         g = torch.Generator(device=args.device).manual_seed(args.seed)
         t_start = time.perf_counter()
-        r = rollout(model, diffusion, latents[:, :args.init_frames], K, c2w, args.frames, actions, g,
-                    keep_selections=name in RETRIEVING)
+        r = rollout(model, diffusions[name], latents[:, :args.init_frames], K, c2w, n_new, actions, g,
+                    keep_selections=name in RETRIEVING, keep_stats=True)
         wall = time.perf_counter() - t_start
-        video = codec.decode(r.latents[0])[gen_src]                                   # [n, H, W, 3] uint8
-        psnr, ssim = frame_metrics(gt, video)
-        row = {"psnr": psnr, "ssim": ssim, "s_per_latent": float(np.median(r.seconds_per_latent())),
-               "wall_s": wall, "lpips": lpips_fn(gt, video) if lpips_fn else None}
+        video = codec.decode(r.latents[0])[gen_src[:n_src]]                          # [n_src, H, W, 3] uint8
+        psnr, ssim = frame_metrics(gt[:n_src], video)
+        row = {"generated_latents": n_new, "psnr": psnr, "ssim": ssim,
+               "s_per_latent": float(np.median(r.seconds_per_latent())), "chunk_seconds": r.chunk_seconds,
+               "dispersion_low": r.dispersion_low, "dispersion_high": r.dispersion_high, "wall_s": wall,
+               "lpips": lpips_fn(gt[:n_src], video) if lpips_fn else None}
         if name in RETRIEVING and "depth" in clip and r.selections:
+            window = model.args.attention.window
             budget = (model.args.attention.top_k if name == "decmem" else model.args.attention.fov_frames * n_b)
-            entries, heat = [], np.zeros((args.frames, total))
+            rows = [t for t in scored if t < args.init_frames + n_new]
+            entries, heat = [], np.zeros((len(rows), total))                        # [scored frames, bank frames]
             for t0, sel_layers in r.selections:
-                keep = min(model.args.chunk_frames, total - t0)
+                if (t0 - args.init_frames) // C % every:
+                    continue
+                keep = min(C, args.init_frames + n_new - t0)
                 old = max(0, t0 - (window - 1))
                 rel = {t0 + q: relevance(t0 + q, old) for q in range(keep)}
                 entries += _recall(sel_layers, t0, keep, n_b, old, rel, budget)
                 if sel_layers:
-                    heat[t0 - args.init_frames:t0 - args.init_frames + keep] = _heat_rows(sel_layers, t0, keep, n_b,
-                                                                                          total)
-            scored = [e for e in entries if e is not None]
-            row.update(budget_blocks=budget, queries=len(entries), queries_without_relevant=len(entries) - len(scored),
-                       recall=float(np.mean([e[0] for e in scored])) if scored else None,
-                       precision=float(np.mean([e[1] for e in scored])) if scored else None,
-                       chance=float(np.mean([e[2] for e in scored])) if scored else None, heatmap=heat)
+                    i = rows.index(t0)
+                    heat[i:i + keep] = _heat_rows(sel_layers, t0, keep, n_b, total)
+            scored_entries = [e for e in entries if e is not None]
+            recall, precision, chance = (float(np.mean([e[j] for e in scored_entries])) if scored_entries else None
+                                         for j in range(3))
+            row.update(budget_blocks=budget, queries=len(entries),
+                       queries_without_relevant=len(entries) - len(scored_entries), recall=recall,
+                       precision=precision, chance=chance, heatmap=heat)
         res_clip["strategies"][name] = row
-        log(f"eval: {clip.get('video_id')}: {name}: PSNR {np.mean(psnr):.2f} dB"
+        log(f"eval: {clip.get('video_id')}: {name}: {n_new} latents in {wall:.1f} s, PSNR {np.mean(psnr):.2f} dB"
             + (f", recall@k {row['recall']:.3f} (chance {row['chance']:.3f})" if row.get("recall") is not None else ""))
     if "depth" in clip:
-        # ground truth for the heatmap: fraction of each bank frame's blocks relevant to each generated frame
-        truth = np.zeros((args.frames, total))
-        for i, t in enumerate(range(args.init_frames, total)):
+        # ground truth for the heatmap: fraction of each bank frame's blocks relevant to each scored frame
+        truth = np.zeros((len(scored), total))
+        for i, t in enumerate(scored):
             truth[i, :t] = relevance(t, t).reshape(t, n_b).mean(axis=1)
         res_clip["true_overlap"] = truth
     return res_clip
@@ -223,20 +321,45 @@ def _split_means(vals: np.ndarray, revisit: np.ndarray) -> dict:
     return {"revisit": m(vals[revisit]), "novel": m(vals[~revisit]), "all": m(vals)}
 
 
+def ends(x, share: float) -> tuple[float, float] | None:
+    """(mean of the first, mean of the last) ``share`` of x, at least one element each; None if x is empty."""
+    x = np.asarray(x, dtype=np.float64)
+    if not x.size:
+        return None
+    n = max(1, int(len(x) * share))
+    return float(x[:n].mean()), float(x[-n:].mean())
+
+
 def summarize(clips: list[dict], strategies: list[str]) -> dict:
-    """Per strategy and metric: mean and std over clips of the per-clip means, and how many clips had any."""
+    """Per strategy and metric: mean and std over clips of the per-clip means, and how many clips had any.
+
+    A strategy rolled out for fewer frames (``frames_for``) counts only those: its revisit mask is cut to them.
+    Dispersion first/last: the first and the last quarter of its generated latents; chunk seconds first/last:
+    the first and the last 10% of its chunks (at least one each), and their ratio.
+    """
     out = {}
     for name in strategies:
         per = {k: [] for _, k, _ in METRICS}
         for c in clips:
-            row, rev = c["strategies"][name], np.asarray(c["revisit"], bool)
+            row = c["strategies"][name]
             for metric in ("psnr", "ssim"):
-                for part, v in _split_means(np.asarray(row[metric]), rev).items():
+                vals = np.asarray(row[metric])
+                for part, v in _split_means(vals, np.asarray(c["revisit"][:len(vals)], bool)).items():
                     per[f"{metric}_{part}"].append(v)
             per["lpips_all"].append(float(np.mean(row["lpips"])) if row.get("lpips") is not None else None)
             for k in ("recall", "precision", "s_per_latent"):
                 per[k].append(row.get(k))
             per.setdefault("chance", []).append(row.get("chance"))
+            for k in ("dispersion_low", "dispersion_high"):
+                q = ends(row[k], 0.25)
+                per[k].append(float(np.mean(row[k])) if q else None)
+                per[f"{k}_first"].append(q[0] if q else None)
+                per[f"{k}_last"].append(q[1] if q else None)
+            e = ends(row["chunk_seconds"], 0.1)
+            per["chunk_s_first"].append(e[0] if e else None)
+            per["chunk_s_last"].append(e[1] if e else None)
+            per["chunk_s_ratio"].append(e[1] / e[0] if e and e[0] > 0 else None)
+            per.setdefault("generated_latents", []).append(row["generated_latents"])
         out[name] = {}
         for k, vals in per.items():
             vals = [v for v in vals if v is not None]
@@ -245,23 +368,38 @@ def summarize(clips: list[dict], strategies: list[str]) -> dict:
     return out
 
 
+def check_geometry(cfgs: dict, folders: dict) -> None:
+    """Refuse weights folders that differ in codec or latent geometry (GEOMETRY), naming both and what differs.
+
+    cfgs: {strategy: WeightsConfig}, folders: {strategy: folder}.
+    """
+    (ref, rc), *rest = cfgs.items()
+    for name, c in rest:
+        diff = [f"{what} {get(rc)!r} vs {get(c)!r}" for what, get in GEOMETRY if get(rc) != get(c)]
+        if diff:
+            raise ValueError(f"eval: weights {folders[ref]} ({ref}) and {folders[name]} ({name}) differ in "
+                             f"{'; '.join(diff)}: strategies are compared only on one codec and latent geometry")
+
+
 def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
-    """The whole protocol; writes eval.json, eval.md, frames.png and retrieval_heatmap.png into ``out_dir``."""
+    """The whole protocol; writes eval.json, eval.md and the plots (frames, dispersion, chunk seconds, retrieval
+    heatmap) into ``out_dir``."""
     from data_pipeline.clip import iter_clip_sources
     from model.codec import make_codec
     from model.diffusion import DiffusionArgs
     from training.weights import load_weights
 
     args.validate()
-    models, wcfg = {}, None
+    folders = args.weights_for()
+    models, cfgs = {}, {}
     for name in args.strategies:
         ov = [f"model.attention.strategy={name}"] + ([f"diffusion.sample_steps={args.sample_steps}"]
                                                       if args.sample_steps else [])
-        model, wcfg = load_weights(args.weights, args.device, overrides=ov)
-        model.eval()
-        models[name] = model
-    diffusion = DiffusionArgs(**vars(wcfg.diffusion))
-    codec = make_codec(wcfg.codec, args.device)
+        model, cfgs[name] = load_weights(folders[name], args.device, overrides=ov)
+        models[name] = model.eval()
+    check_geometry(cfgs, folders)
+    diffusions = {n: DiffusionArgs(**vars(c.diffusion)) for n, c in cfgs.items()}
+    codec = make_codec(cfgs[args.strategies[0]].codec, args.device)
     lpips_fn, lpips_status = _lpips()
     total = args.init_frames + args.frames
     clips, short = [], []
@@ -270,7 +408,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
         if n_lat < total:
             short.append({"video_id": clip.get("video_id"), "latents": int(n_lat)})
             continue
-        clips.append(eval_clip(clip, models, diffusion, codec, args, lpips_fn, log))
+        clips.append(eval_clip(clip, models, diffusions, codec, args, lpips_fn, log))
         if len(clips) >= args.clips:
             break
     if not clips:
@@ -280,18 +418,20 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
         log(f"eval: skipped {len(short)} clip(s) shorter than {total} latents")
     summary = summarize(clips, args.strategies)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(os.path.abspath(out_dir), k) for k in ("eval.json", "eval.md", "frames.png",
-                                                                    "retrieval_heatmap.png")}
-    from training.eval_plots import plot_frames, plot_heatmaps
+    paths = {k: os.path.join(os.path.abspath(out_dir), k) for k in (
+        "eval.json", "eval.md", "frames.png", "dispersion.png", "chunk_seconds.png", "retrieval_heatmap.png")}
+    from training.eval_plots import plot_chunk_seconds, plot_dispersion, plot_frames, plot_heatmaps
 
-    plot_frames(paths["frames.png"], clips, args.strategies)
+    smooth = plot_frames(paths["frames.png"], clips, args.strategies)
+    plot_dispersion(paths["dispersion.png"], clips, args.strategies)
+    plot_chunk_seconds(paths["chunk_seconds.png"], clips, args.strategies)
     heat = plot_heatmaps(paths["retrieval_heatmap.png"], clips[0], args.strategies)
     if not heat:
         paths.pop("retrieval_heatmap.png")
     result = _clean({
-        "args": asdict(args), "weights": os.path.abspath(args.weights), "codec": wcfg.codec,
-        "sample_steps": diffusion.sample_steps,
-        "attention": {n: vars(m.args.attention) for n, m in models.items()},
+        "args": asdict(args), "weights": folders, "codec": cfgs[args.strategies[0]].codec,
+        "sample_steps": {n: d.sample_steps for n, d in diffusions.items()},
+        "attention": {n: vars(m.args.attention) for n, m in models.items()}, "frames_smoothing": smooth,
         "lpips": lpips_status,
         "fvd": "unavailable: FVD needs I3D weights, which DecMem neither ships nor downloads; not computed",
         "clips": clips, "skipped_short_clips": short, "summary": summary, "paths": paths,
@@ -304,25 +444,54 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     return result
 
 
+def _arrow(s: dict, key: str, spec: str) -> str:
+    """'first → last' of a summary's <key>_first / <key>_last means."""
+    return f"{_fmt(s[key + '_first']['mean'], spec)} → {_fmt(s[key + '_last']['mean'], spec)}"
+
+
 def report(res: dict) -> str:
     """eval.md: the protocol in words, then one table per metric (rows: strategies)."""
     a = res["args"]
     rules = sorted({c["revisit_rule"] for c in res["clips"]})
     n_rev = [int(np.sum(c["revisit"])) for c in res["clips"]]
+    folders, steps = res["weights"], res["sample_steps"]
+    one = len(set(folders.values())) == 1
+    weights = (f"weights `{next(iter(folders.values()))}` (every strategy)" if one else
+               "weights per strategy: " + ", ".join(f"{n} `{w}`" for n, w in folders.items()))
+    n_steps = (f"{next(iter(steps.values()))} sampling steps" if len(set(steps.values())) == 1 else
+               "sampling steps " + ", ".join(f"{n} {k}" for n, k in steps.items()))
+    every = sorted({c["recall_every"] for c in res["clips"]})
     L = ["# DecMem evaluation", "",
-         f"- weights `{res['weights']}`, data `{a['data']}`, codec `{res['codec']}`, "
-         f"{res['sample_steps']} sampling steps, seed {a['seed']}",
+         f"- {weights}; data `{a['data']}`, codec `{res['codec']}`, {n_steps}, seed {a['seed']}",
          f"- {len(res['clips'])} clip(s): " + ", ".join(f"`{c['video_id']}`" for c in res["clips"])
          + (f"; {len(res['skipped_short_clips'])} shorter clip(s) skipped" if res["skipped_short_clips"] else ""),
          f"- bank initialised with {a['init_frames']} ground-truth latents, {a['frames']} latents generated along "
-         "the ground-truth camera path",
-         f"- revisited frame: >= {a['revisit_coverage']:.0%} of its pixels show surfaces an init frame >= "
-         f"{a['min_gap']} latents older saw (rule: {', '.join(rules)}; depth agreement {a['depth_tol']:.0%}); "
-         f"revisited frames per clip: {n_rev}",
-         f"- relevant bank block: >= {a['overlap']:.0%} of its pixels visible in the query frame's view; "
-         "recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head, query block)",
-         "- metrics are averaged per clip, then over clips (mean, std over clips, clips counted)",
-         f"- LPIPS: {res['lpips']}", f"- FVD: {res['fvd']}", ""]
+         "the ground-truth camera path"]
+    for name, m in a["frames_for"].items():
+        L.append(f"- **{name} generated only {m} of the {a['frames']} latents** (`--frames-for {name}={m}`): its "
+                 "per-frame arrays, means, first/last quarter and plots cover only those frames")
+    L += [f"- revisited frame: >= {a['revisit_coverage']:.0%} of its pixels show surfaces an init frame >= "
+          f"{a['min_gap']} latents older saw (rule: {', '.join(rules)}; depth agreement {a['depth_tol']:.0%}); "
+          f"revisited frames per clip: {n_rev}",
+          f"- relevant bank block: >= {a['overlap']:.0%} of its pixels visible in the query frame's view; "
+          "recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head, query block)"
+          + (f"; scored on chunks 0, {every[0]}, {2 * every[0]}, ... only (every {every[0]} chunks)"
+             if every != [1] else ""),
+          "- dispersion: the memory read's softmax mass on keys of weight < 0.02 (weak) and > 0.05 (strong) at each "
+          "chunk's last denoising step, per generated latent; first / last quarter: the first and the last "
+          "quarter of a strategy's generated latents",
+          "- seconds per chunk: sampling, encoding into the bank and the last step's read statistics; first / last: "
+          "mean of the first and the last 10% of the chunks",
+          "- metrics are averaged per clip, then over clips (mean, std over clips, clips counted)",
+          f"- LPIPS: {res['lpips']}", f"- FVD: {res['fvd']}", "",
+          "## Over the rollout: first → last", "",
+          "| strategy | latents generated | weak-key mass, first → last quarter | strong-key mass, first → last "
+          "quarter | s / chunk, first → last 10% | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    for name, s in res["summary"].items():
+        L.append(f"| {name} | {_fmt(s['generated_latents']['mean'], '.0f')} | {_arrow(s, 'dispersion_low', '.4f')} | "
+                 f"{_arrow(s, 'dispersion_high', '.4f')} | {_arrow(s, 'chunk_s', '.4g')} | "
+                 f"{_fmt(s['chunk_s_ratio']['mean'], '.3f')} |")
+    L.append("")
     for title, key, spec in METRICS:
         if key == "lpips_all" and not any(s[key]["clips"] for s in res["summary"].values()):
             L += [f"## {title}", "", f"Not measured: {res['lpips']}.", ""]
@@ -338,8 +507,13 @@ def report(res: dict) -> str:
                            if n in RETRIEVING)
             L += ["", f"Chance (|relevant| / candidate blocks): {ch}"]
         L.append("")
-    L += ["Files: `eval.json` (every number, per-frame arrays), `frames.png` (PSNR / SSIM over frame index), "
-          "`retrieval_heatmap.png` (first clip: true overlap vs blocks read).", ""]
+    smooth = res["frames_smoothing"]
+    L += ["Files: `eval.json` (every number, per-frame arrays), `frames.png` ("
+          + (f"PSNR per generated frame, moving average over {smooth} frames, revisited frames shaded"
+             if smooth > 1 else "PSNR / SSIM over frame index, revisited frames shaded")
+          + "), `dispersion.png` (weak- and strong-key mass per generated frame), `chunk_seconds.png` (seconds per "
+          "chunk), `retrieval_heatmap.png` (first clip: true overlap vs blocks read"
+          + (", scored frames only" if every != [1] else "") + ").", ""]
     return "\n".join(L)
 
 
