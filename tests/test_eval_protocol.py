@@ -1,5 +1,6 @@
-"""``decmem eval --weights``: depth/pose visibility against analytic scenes, recall@k on hand-made selections, and a
-CI-sized run of the whole protocol on rendered MiniWorld clips (JSON, tables and plots checked)."""
+"""``decmem eval --weights``: depth/pose visibility and block relevance against analytic scenes, recall@k on hand-made
+selections (block and frame rules), and a CI-sized run of the whole protocol on rendered MiniWorld clips (JSON,
+tables and plots checked)."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from PIL import Image
 
 from model.blocks import BlockLayout
 from training.eval_protocol import METRICS, _recall, parse_tables
-from training.overlap import block_overlap, coverage, pixel_blocks, visible_in
+from training.overlap import block_overlap, block_relevance, coverage, pixel_blocks, visible_in
 
 H = W = 24
 F = 12.0                                                      # focal length: horizontal FOV 2*atan(12/12) = 90 deg
@@ -47,6 +48,20 @@ def _rotation_reference(yaw_t: float, yaw_s: float) -> float:
     z = p[..., 2]
     u, v = F * p[..., 0] / np.where(z > 0, z, 1) + K[0, 2], F * p[..., 1] / np.where(z > 0, z, 1) + K[1, 2]
     return float(((z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H)).mean())
+
+
+def _rotation_blocks_reference(yaw_t: float, yaw_s: float, blocks: np.ndarray, n_b: int) -> np.ndarray:
+    """[n_b, n_b]: share of each block of camera t whose rays land in each block of camera s (pure rotation)."""
+    ys, xs = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    d = np.stack([(xs - K[0, 2]) / F, (ys - K[1, 2]) / F, np.ones_like(xs)], -1) @ _yaw(yaw_t)[:3, :3].T
+    p = d @ _yaw(yaw_s)[:3, :3]
+    z = p[..., 2]
+    u, v = F * p[..., 0] / np.where(z > 0, z, 1) + K[0, 2], F * p[..., 1] / np.where(z > 0, z, 1) + K[1, 2]
+    inside = (z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    lands = blocks[np.clip(v, 0, H - 1).astype(int), np.clip(u, 0, W - 1).astype(int)]
+    out = np.zeros((n_b, n_b))
+    np.add.at(out, (blocks[inside], lands[inside]), 1)
+    return out / np.bincount(blocks.reshape(-1))[:, None]
 
 
 def _clip(poses):
@@ -111,13 +126,72 @@ def test_block_overlap_after_a_turn():
     assert (0 < frac[:, 1]).all() and (frac[:, 1] < 1).all()
 
 
+LAY = BlockLayout(6, 6, 4)                                         # tiles of 2x2 tokens: 3x3 blocks of 8x8 pixels
+BLOCKS = pixel_blocks(H, W, LAY.h, LAY.w, LAY.tile)
+
+
+def test_block_relevance_of_the_identical_view_is_the_same_block_only():
+    c = _clip([_yaw(0), _yaw(0), _yaw(180)])
+    np.testing.assert_array_equal(block_relevance(c, 0, 1, BLOCKS, 9), np.eye(9))
+    assert not block_relevance(c, 2, 1, BLOCKS, 9).any()           # facing away: nothing is relevant
+    # a pixel stride samples the query pixels only: the same block still holds all of them
+    np.testing.assert_array_equal(block_relevance(c, 0, 1, BLOCKS, 9, stride=3), np.eye(9))
+
+
+@pytest.mark.parametrize("turn", [10.0, float(np.degrees(np.arctan(8 / F))), 45.0])
+def test_block_relevance_after_a_turn_matches_the_homography_reference(turn):
+    c = _clip([_yaw(0), _yaw(turn)])                                  # bank frame 0, query frame 1
+    got = block_relevance(c, 0, 1, BLOCKS, 9, rel_tol=0.05)
+    # pixel-centre sampling of the depth lookup at the image border may cost a pixel or two per block
+    np.testing.assert_allclose(got, _rotation_blocks_reference(turn, 0, BLOCKS, 9), atol=2 / 64)
+    if turn > 30:
+        # turned by a tile's width (8 px at focal 12: 33.7 deg) or a little more: most of a query block's surface
+        # sits one column to the right in the bank frame; the right column turned out of the bank's view
+        for r in range(3):
+            for col in range(2):
+                assert got[3 * r + col].argmax() == 3 * r + col + 1
+            assert not got[3 * r + 2].any()
+
+
+def test_block_relevance_is_hidden_by_an_occluder():
+    # the bank camera at z=0 faces a wall 2 m away; the query camera stands behind that wall at z=3 and sees the far
+    # wall (depth 7): no query pixel's surface is what the bank frame shows. Without the wall (bank depth 10) the
+    # query view is the middle of the bank's, so the middle block is all in the bank's middle block.
+    poses = np.stack([_yaw(0, (0, 0, 0)), _yaw(0, (0, 0, 3))])
+    near, far, open_ = np.full((H, W), 2.0), np.full((H, W), 7.0), np.full((H, W), 10.0)
+    clip = {"depth": np.stack([near, far]), "K": np.stack([K, K]), "c2w": poses}
+    assert not block_relevance(clip, 0, 1, BLOCKS, 9).any()
+    clip["depth"] = np.stack([open_, far])
+    got = block_relevance(clip, 0, 1, BLOCKS, 9)
+    assert got[4, 4] == 1 and got.sum(axis=1) == pytest.approx(np.ones(9))
+
+
 #################################################################################
 #                                   Recall@k                                    #
 #################################################################################
 
-def test_recall_on_hand_made_selections():
+def test_recall_per_query_block_under_the_block_rule():
+    n_b, old, t0 = 2, 2, 5                                        # 2 query blocks per frame, 4 candidate blocks
+    rel = {5: np.array([[1, 0, 0, 0], [0, 0, 1, 1]], bool),       # frame 5: block 0 -> {0}, block 1 -> {2, 3}
+           6: np.array([[0, 0, 0, 0], [0, 1, 0, 0]], bool)}       # frame 6: block 0 -> nothing, block 1 -> {1}
+    # decmem: 1 head, 2 query frames x 2 query blocks, k = 2
+    sel = torch.tensor([[0, 2], [2, 3], [0, 1], [2, 3]]).view(1, 1, 4, 2)
+    out = _recall([(sel, torch.ones_like(sel, dtype=torch.bool))], t0, 2, n_b, old, rel, budget=2)
+    assert out[0] == (1.0, 0.5, 1 / 4)                            # its one relevant block found, one wasted read
+    assert out[1] == (1.0, 1.0, 2 / 4)
+    assert out[2] is None                                         # nothing relevant to that query block
+    # the blocks relevant to frame 5's other query block: all of that frame's view, none of this block's surface
+    assert out[3] == (0.0, 0.0, 1 / 4)
+    # fov_frames: bank frame 1 read by every query block of the chunk, each scored against its own set
+    fsel = torch.tensor([2, 3]).view(1, 1, 1, 2)
+    out = _recall([(fsel, torch.ones_like(fsel, dtype=torch.bool))], t0, 2, n_b, old, rel, budget=2)
+    assert out == [(0.0, 0.0, 1 / 4), (1.0, 1.0, 2 / 4), None, (0.0, 0.0, 1 / 4)]
+
+
+def test_recall_on_hand_made_selections_under_the_frame_rule():
     n_b, old, t0 = 4, 2, 5                                        # 8 candidate blocks
-    rel = {5: np.array([1, 1, 0, 0, 0, 0, 0, 1], bool), 6: np.zeros(8, bool)}
+    # one row per frame: the frame as a whole is the query
+    rel = {5: np.array([[1, 1, 0, 0, 0, 0, 0, 1]], bool), 6: np.zeros((1, 8), bool)}
     # decmem: 1 head, 2 query frames x n_b query blocks, k = 2
     sel = torch.tensor([[0, 7], [2, 3], [0, 9], [1, 4]] + [[0, 1]] * 4).view(1, 1, 8, 2)
     valid = torch.ones_like(sel, dtype=torch.bool)
@@ -171,6 +245,18 @@ def rendered(tmp_path_factory):
     return root, data
 
 
+def _truth_row(data, video_id: str, t: int, rule: str) -> np.ndarray:
+    """The heatmap's true overlap of latent frame t against bank frames 0..t-1, from the geometry (debug config:
+    16x16 pixels, 8x8 tokens, 2x2-token blocks; default thresholds)."""
+    from data_pipeline.clip import iter_clip_sources
+
+    clip = next(c for c in iter_clip_sources(str(data)) if c["video_id"] == video_id)
+    blocks = pixel_blocks(16, 16, 8, 8, (2, 2))
+    if rule == "block":                                          # share of frame t's blocks with a relevant one in f
+        return np.array([(block_relevance(clip, f, t, blocks, 16) >= 0.1).any(axis=1).mean() for f in range(t)])
+    return np.array([(block_overlap(clip, f, t, blocks, 16) >= 0.25).mean() for f in range(t)])
+
+
 def test_eval_protocol_end_to_end(rendered):
     root, data = rendered
     out = root / "eval"
@@ -212,6 +298,12 @@ def test_eval_protocol_end_to_end(rendered):
             continue                                               # written as one "not measured" line
         want = ["decmem", "fov_frames"] if key in ("recall", "precision") else strategies
         assert list(tables[title]) == want, title
+    # relevance: the block rule by default, recorded, stated, and the heatmap's truth is its frame-level summary
+    assert res["relevance"]["rule"] == "block" and res["relevance"]["threshold"] == 0.1
+    md = (out / "eval.md").read_text()
+    assert "relevance (rule `block`" in md and ">= 10% of the query block's pixels" in md
+    c = res["clips"][0]
+    np.testing.assert_allclose(np.asarray(c["true_overlap"])[5, :13], _truth_row(data, c["video_id"], 13, "block"))
     assert tables["PSNR (dB), all generated frames"]["window"]["mean"] == pytest.approx(
         res["summary"]["window"]["psnr_all"]["mean"], abs=0.006)
     for png in ("frames.png", "retrieval_heatmap.png", "dispersion.png", "chunk_seconds.png"):
@@ -256,12 +348,18 @@ def test_each_strategy_reads_its_own_weights(rendered, tmp_path):
     root, data = rendered
     a, b = str(root / "weights"), str(root / "weights_b")
     kw = dict(data=str(data), init_frames=8, frames=4, clips=1, sample_steps=1, min_gap=2)
-    one = run_eval(EvalArgs(weights=a, strategies=["decmem", "window"], **kw), str(tmp_path / "one"), log=_quiet)
+    one = run_eval(EvalArgs(weights=a, strategies=["decmem", "window"], relevance="frame", **kw), str(tmp_path / "one"),
+                   log=_quiet)
     two = run_eval(EvalArgs(weights=f"decmem={a},window={b}", **kw), str(tmp_path / "two"), log=_quiet)
     assert two["args"]["strategies"] == ["decmem", "window"]                 # the mapping's keys, in its order
     assert two["weights"] == {"decmem": a, "window": b}
     row = lambda r, n: r["clips"][0]["strategies"][n]  # noqa: E731
     assert row(two, "decmem")["psnr"] == row(one, "decmem")["psnr"]          # same weights, same seed
+    # the frame rule, asked for: recorded, stated, and its heatmap truth is the share of relevant bank blocks
+    assert one["relevance"]["rule"] == "frame" and one["relevance"]["threshold"] == 0.25
+    assert "relevance (rule `frame`" in (tmp_path / "one" / "eval.md").read_text()
+    c = one["clips"][0]
+    np.testing.assert_allclose(np.asarray(c["true_overlap"])[3, :11], _truth_row(data, c["video_id"], 11, "frame"))
     assert not np.allclose(row(two, "window")["psnr"], row(one, "window")["psnr"])
     md = (tmp_path / "two" / "eval.md").read_text()
     assert f"decmem `{a}`" in md and f"window `{b}`" in md

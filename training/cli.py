@@ -278,6 +278,7 @@ def _eval_protocol(args) -> int:
                       strategies=args.strategies or [], frames_for=frames_for, recall_every=args.recall_every,
                       clips=args.clips, sample_steps=args.steps or 0, seed=args.seed, device=args.device,
                       min_gap=args.min_gap, revisit_coverage=args.revisit_coverage, overlap=args.overlap,
+                      relevance=args.relevance, block_overlap=args.block_overlap, depth_tol=args.depth_tol,
                       pos_tol=args.pos_tol, angle_tol_deg=args.angle_tol)
         res = run_eval(ea, args.out, log=lambda s: print(s, flush=True))
     except (ValueError, FileNotFoundError, ConfigError) as e:
@@ -549,8 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--revisit-coverage", type=float, default=0.5,
                     help="(protocol) revisited: at least this share of the frame's pixels seen by an older init frame")
+    ev.add_argument("--relevance", choices=("block", "frame"), default="block",
+                    help="(protocol) relevant bank block, per query block: it holds >= --block-overlap of the query "
+                         "block's own surface (block); or per query frame: >= --overlap of its pixels visible in the "
+                         "frame's view (frame)")
+    ev.add_argument("--block-overlap", type=float, default=0.1,
+                    help="(protocol, block rule) share of the query block's pixels a relevant bank block holds")
     ev.add_argument("--overlap", type=float, default=0.25,
-                    help="(protocol) relevant bank block: at least this share of its pixels visible in the query view")
+                    help="(protocol, frame rule) share of a relevant bank block's pixels visible in the query view")
+    ev.add_argument("--depth-tol", type=float, default=0.1,
+                    help="(protocol) relative depth agreement for 'the same surface' (revisits and relevance)")
     ev.add_argument("--clip", default=None,
                     help="(runs) canonical clip .npz, or a dataset / .tar shard (its first sample, or DATASET#KEY)")
     ev.add_argument("--runs", nargs="+", default=None, metavar="DIR",

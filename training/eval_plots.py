@@ -2,6 +2,8 @@
 against true overlap."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 LONG_FRAMES = 64        # frames.png: longer rollouts get the smoothed PSNR-only view
@@ -108,8 +110,8 @@ def plot_chunk_seconds(path: str, clips: list[dict], strategies: list[str]) -> N
     fig.savefig(path)
 
 
-def plot_heatmaps(path: str, clip: dict, strategies: list[str]) -> bool:
-    """One clip: true overlap (share of a bank frame's blocks the query view sees) next to the share of each
+def plot_heatmaps(path: str, clip: dict, strategies: list[str], truth: str) -> bool:
+    """One clip: true overlap (``truth`` says what it is, under the eval's relevance rule) next to the share of each
     retrieving strategy's reads per bank frame; query frames (the scored ones) down, bank frames across. False if
     nothing to draw."""
     panels = [("true overlap", clip.get("true_overlap"))]
@@ -127,8 +129,10 @@ def plot_heatmaps(path: str, clip: dict, strategies: list[str]) -> bool:
         a.set_yticks(ticks, [str(scored[i]) for i in ticks])        # rows are the scored frames, not every frame
     ax[0, 0].set_ylabel("generated frame" if clip.get("recall_every", 1) == 1 else
                         f"generated frame (chunks 0, {clip['recall_every']}, ...)")
-    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.17, top=0.84, wspace=0.25)
+    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.17, top=0.78, wspace=0.25)
     fig.colorbar(im, ax=list(ax[0]), shrink=0.8, label="share (scaled to the panel max)")
-    fig.suptitle(f"Retrieval vs true overlap: {clip.get('video_id')}", fontsize=10)
+    # what the truth panel shows depends on the relevance rule: say it, wrapped to the figure's width
+    caption = textwrap.fill(f"true overlap: {truth}", 30 * len(panels))
+    fig.suptitle(f"Retrieval vs true overlap: {clip.get('video_id')}\n{caption}", fontsize=9)
     fig.savefig(path)
     return True

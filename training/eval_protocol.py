@@ -8,9 +8,15 @@ along the ground-truth camera path, and the decoded frames are compared with the
   least ``revisit_coverage`` of their pixels show surfaces an init frame ``min_gap`` or more frames older also
   saw, by depth + poses: :mod:`training.overlap`) and *novel* ones. Clips without depth fall back to the
   pose rule of :func:`training.evaluate.revisit_mask`; ``eval.json`` records which rule each clip used.
-* Retrieval (``decmem``, ``fov_frames``): a bank block is *relevant* to a query frame when at least ``overlap``
-  of its pixels are visible in that frame's ground-truth view; recall@k = |read ∩ relevant| / min(k, |relevant|)
-  per (layer, head, query block) at the last denoising step, with precision and chance (|relevant| / candidates).
+* Retrieval (``decmem``, ``fov_frames``) at the last denoising step. ``relevance`` "block" (the default): a bank
+  block is *relevant* to a query block when at least ``block_overlap`` of the query block's pixels, back-projected
+  with the ground-truth depth, land in it with depth agreement (the bank frame shows that very surface there:
+  :func:`training.overlap.block_relevance`); recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head,
+  query block) against that query block's own relevant set, with precision and chance (|relevant| / candidates).
+  fov_frames reads one set per chunk: it is scored against every query block's set, as decmem's are. ``relevance``
+  "frame" (the earlier rule): a bank block is relevant to a whole query frame when at least ``overlap`` of its
+  pixels are visible in that frame's view; most bank blocks of a revisiting clip are, so chance is high and
+  recall cannot tell a query block that found its own content from one that read another part of the view.
   Long rollouts score every ``recall_every``-th chunk only (by default about 32 chunks in all), so the geometry
   grows linearly with the number of generated latents, not quadratically (600 after 24 take seconds).
 * Attention dispersion per generated latent (the paper's measure): the memory read's softmax mass on keys of
@@ -43,7 +49,7 @@ import torch
 
 from data_pipeline.storage import write_bytes_atomic
 from training.evaluate import _clean, _fmt, frame_metrics, revisit_mask
-from training.overlap import block_overlap, coverage, pixel_blocks
+from training.overlap import block_overlap, block_relevance, coverage, pixel_blocks
 
 RETRIEVING = ("decmem", "fov_frames")
 ALL_STRATEGIES = ["decmem", "dense", "dense_decay", "fov_frames", "window"]   # one weights folder: every strategy
@@ -65,6 +71,14 @@ METRICS = [  # (section title, key in a strategy's summary, format)
     ("seconds per chunk, last 10% / first 10%", "chunk_s_ratio", ".3f"),
 ]
 TABLE_HEAD = "| strategy | mean | std over clips | clips |"
+# relevance rule -> (what makes a bank block relevant, with {th} its threshold; what the heatmap's truth panel shows)
+RELEVANCE = {
+    "block": (("a bank block is relevant to a query block when >= {th:.0%} of the query block's pixels (valid depth) "
+               "land in it and show the same surface there (depth agreement)"),
+              "share of the frame's query blocks with a relevant block in the bank frame"),
+    "frame": (("a bank block is relevant to a query frame when >= {th:.0%} of its pixels are visible in that "
+               "frame's view"), "share of the bank frame's blocks relevant to the frame"),
+}
 RECALL_CHUNKS = 32      # recall_every 0: score every chunk up to this many, else about this many spread evenly
 # What separately trained weights must share to be compared: frames decode, tile into tokens and retrieval
 # blocks (the relevance ground truth), and chunk the same way.
@@ -117,7 +131,9 @@ class EvalArgs:
     device: str = "cpu"
     min_gap: int = 8                      # latents: what the last frames before the rollout saw doesn't count
     revisit_coverage: float = 0.5         # revisited: >= this fraction of pixels seen by an older init frame
-    overlap: float = 0.25                 # relevant block: >= this fraction of its pixels visible in the query view
+    relevance: str = "block"              # block: a query block's own surface; frame: the query frame's view
+    block_overlap: float = 0.1            # block rule: >= this fraction of the query block's pixels in the bank block
+    overlap: float = 0.25                 # frame rule: >= this fraction of the bank block visible in the query view
     depth_tol: float = 0.1                # relative depth agreement for "the same surface"
     stride: int = 0                       # pixel stride of the geometry; 0: about 64 samples across the frame
     pos_tol: float = 0.25                 # pose-rule fallback (clips without depth)
@@ -144,7 +160,9 @@ class EvalArgs:
                                  f"({', '.join(self.strategies)}) and 1 <= M <= --frames {self.frames}")
         if self.recall_every < 0:
             raise ValueError(f"eval: recall_every must be >= 0, got {self.recall_every}")
-        for k in ("revisit_coverage", "overlap"):
+        if self.relevance not in RELEVANCE:
+            raise ValueError(f"eval: relevance must be one of {list(RELEVANCE)}, got {self.relevance!r}")
+        for k in ("revisit_coverage", "overlap", "block_overlap"):
             if not 0 < getattr(self, k) <= 1:
                 raise ValueError(f"eval: {k} must be in (0, 1], got {getattr(self, k)}")
 
@@ -156,6 +174,13 @@ class EvalArgs:
     def recall_stride(self, chunks: int) -> int:
         """Score recall on chunks 0, N, 2N, ... of a rollout of ``chunks`` chunks: this N."""
         return self.recall_every or max(1, math.ceil(chunks / RECALL_CHUNKS))
+
+    def relevance_rule(self) -> dict:
+        """What eval.json records of the relevance ground truth: rule, threshold, depth tolerance, in words."""
+        th = self.block_overlap if self.relevance == "block" else self.overlap
+        relevant, truth = RELEVANCE[self.relevance]
+        return {"rule": self.relevance, "threshold": th, "depth_tol": self.depth_tol,
+                "relevant": relevant.format(th=th), "true_overlap": truth}
 
 
 #################################################################################
@@ -181,20 +206,28 @@ def _lpips():
 
 
 def _recall(sel_layers, t0: int, keep: int, n_b: int, old: int, rel: dict, budget: int) -> list[tuple]:
-    """(recall, precision, chance) per (layer, head, query block, query frame) of one chunk with relevant blocks,
-    plus None entries for queries with none. rel[t]: bool [old * n_b] relevance of the candidates to frame t."""
+    """(recall, precision, chance) per (layer, selection, query, head) of one chunk with relevant blocks, plus None
+    entries for queries with none.
+
+    rel[t]: bool [n_q, old * n_b], the candidates relevant to each query of frame t: its n_b query blocks (block
+    rule) or the one whole frame (n_q = 1, frame rule). decmem selects per query block, n_b per frame (query block
+    g is block g % n_b of frame g // n_b): scored against that block's row (the frame's only row under the frame
+    rule). fov_frames reads one set per chunk (G = 1): scored against every query of every frame in the chunk.
+    """
     out = []
     for sel, valid in sel_layers:
         sel, valid = sel[0].numpy(), valid[0].numpy()                              # [H, G, k]
         G = sel.shape[1]
-        # fov_frames reads one set per chunk (G = 1); decmem one per query block, n_b of them per frame
-        frames_of = [list(range(keep))] * G if G == 1 else [[g // n_b] for g in range(G)]
         cand = valid & (sel < old * n_b)                                            # [H, G, k]
         for g in range(G):
-            for q in frames_of[g]:
-                if q >= keep:
-                    continue
-                r = rel[t0 + q]                                                     # [old * n_b]
+            if G == 1:                                                              # fov_frames: every query
+                queries = [row for q in range(keep) for row in rel[t0 + q]]
+            elif g // n_b < keep:                                                   # decmem: this query block's
+                rows = rel[t0 + g // n_b]
+                queries = [rows[g % n_b if len(rows) > 1 else 0]]
+            else:                                                                   # a frame past the rollout
+                continue
+            for r in queries:                                                       # [old * n_b]
                 n_rel = int(r.sum())
                 for h in range(sel.shape[0]):
                     if n_rel == 0:
@@ -246,7 +279,7 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         rule = "pose"
     lay = any_model.layout(*latents.shape[-2:])
     n_b = lay.blocks_per_frame
-    blocks = pixel_blocks(H, W, lay.h, lay.w, lay.tile, stride)
+    blocks = pixel_blocks(H, W, lay.h, lay.w, lay.tile)             # every pixel: query pixels land on any of them
     C = any_model.args.chunk_frames                                  # shared: checked with the geometry
     every = args.recall_stride(math.ceil(args.frames / C))
     # the generated latents whose relevance is scored: those of chunks 0, every, 2 * every, ...
@@ -254,12 +287,19 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
     rel_cache: dict = {}
 
     def relevance(t: int, old: int) -> np.ndarray:
-        """bool [old * n_b]: candidate bank blocks (frames < old) that latent frame t's view sees enough of."""
+        """bool [n_q, old * n_b]: candidate bank blocks (frames < old) relevant to latent frame t's queries: each
+        of its n_b query blocks (block rule), or the frame as one query (n_q = 1, frame rule)."""
         for f in range(old):
             if (f, t) not in rel_cache:
-                rel_cache[f, t] = block_overlap(clip, codec.frame_index(f), codec.frame_index(t), blocks, n_b,
-                                                args.depth_tol, stride) >= args.overlap
-        return np.concatenate([rel_cache[f, t] for f in range(old)]) if old else np.zeros(0, bool)
+                fs, ts = codec.frame_index(f), codec.frame_index(t)
+                if args.relevance == "block":
+                    frac = block_relevance(clip, fs, ts, blocks, n_b, args.depth_tol, stride)     # [n_b, n_b]
+                    rel_cache[f, t] = frac >= args.block_overlap
+                else:
+                    frac = block_overlap(clip, fs, ts, blocks[::stride, ::stride], n_b, args.depth_tol, stride)
+                    rel_cache[f, t] = frac[None] >= args.overlap                                 # [1, n_b]
+        n_q = n_b if args.relevance == "block" else 1
+        return np.concatenate([rel_cache[f, t] for f in range(old)], axis=1) if old else np.zeros((n_q, 0), bool)
 
     res_clip = {"video_id": clip.get("video_id"), "frames": int(T_src), "revisit_rule": rule,
                 "generated_frames": gen_src.tolist(), "revisit": revisit, "coverage": cov, "recall_every": every,
@@ -304,10 +344,13 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         log(f"eval: {clip.get('video_id')}: {name}: {n_new} latents in {wall:.1f} s, PSNR {np.mean(psnr):.2f} dB"
             + (f", recall@k {row['recall']:.3f} (chance {row['chance']:.3f})" if row.get("recall") is not None else ""))
     if "depth" in clip:
-        # ground truth for the heatmap: fraction of each bank frame's blocks relevant to each scored frame
+        # ground truth for the heatmap, one value per (scored frame, bank frame), as the strategies' panels are:
+        # block rule, the share of the frame's query blocks the bank frame holds a relevant block for; frame rule,
+        # the share of the bank frame's blocks relevant to the frame
         truth = np.zeros((len(scored), total))
         for i, t in enumerate(scored):
-            truth[i, :t] = relevance(t, t).reshape(t, n_b).mean(axis=1)
+            r = relevance(t, t).reshape(-1, t, n_b)                                  # [n_q, bank frames, n_b]
+            truth[i, :t] = r.any(axis=2).mean(axis=0) if args.relevance == "block" else r[0].mean(axis=1)
         res_clip["true_overlap"] = truth
     return res_clip
 
@@ -425,14 +468,15 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     smooth = plot_frames(paths["frames.png"], clips, args.strategies)
     plot_dispersion(paths["dispersion.png"], clips, args.strategies)
     plot_chunk_seconds(paths["chunk_seconds.png"], clips, args.strategies)
-    heat = plot_heatmaps(paths["retrieval_heatmap.png"], clips[0], args.strategies)
+    relevance = args.relevance_rule()
+    heat = plot_heatmaps(paths["retrieval_heatmap.png"], clips[0], args.strategies, relevance["true_overlap"])
     if not heat:
         paths.pop("retrieval_heatmap.png")
     result = _clean({
         "args": asdict(args), "weights": folders, "codec": cfgs[args.strategies[0]].codec,
         "sample_steps": {n: d.sample_steps for n, d in diffusions.items()},
         "attention": {n: vars(m.args.attention) for n, m in models.items()}, "frames_smoothing": smooth,
-        "lpips": lpips_status,
+        "relevance": relevance, "lpips": lpips_status,
         "fvd": "unavailable: FVD needs I3D weights, which DecMem neither ships nor downloads; not computed",
         "clips": clips, "skipped_short_clips": short, "summary": summary, "paths": paths,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
@@ -461,6 +505,7 @@ def report(res: dict) -> str:
     n_steps = (f"{next(iter(steps.values()))} sampling steps" if len(set(steps.values())) == 1 else
                "sampling steps " + ", ".join(f"{n} {k}" for n, k in steps.items()))
     every = sorted({c["recall_every"] for c in res["clips"]})
+    rel = res["relevance"]
     L = ["# DecMem evaluation", "",
          f"- {weights}; data `{a['data']}`, codec `{res['codec']}`, {n_steps}, seed {a['seed']}",
          f"- {len(res['clips'])} clip(s): " + ", ".join(f"`{c['video_id']}`" for c in res["clips"])
@@ -473,8 +518,12 @@ def report(res: dict) -> str:
     L += [f"- revisited frame: >= {a['revisit_coverage']:.0%} of its pixels show surfaces an init frame >= "
           f"{a['min_gap']} latents older saw (rule: {', '.join(rules)}; depth agreement {a['depth_tol']:.0%}); "
           f"revisited frames per clip: {n_rev}",
-          f"- relevant bank block: >= {a['overlap']:.0%} of its pixels visible in the query frame's view; "
-          "recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head, query block)"
+          f"- relevance (rule `{rel['rule']}`, depth agreement {rel['depth_tol']:.0%}): {rel['relevant']}; "
+          "recall@k = |read ∩ relevant| / min(k, |relevant|) per "
+          + ("(layer, head, query block) against that query block's own relevant set (fov_frames: its one read set "
+             "per chunk, against every query block's)" if rel["rule"] == "block" else
+             "(layer, head, query block) for decmem, per (layer, head, query frame) for fov_frames (its one read set "
+             "per chunk)")
           + (f"; scored on chunks 0, {every[0]}, {2 * every[0]}, ... only (every {every[0]} chunks)"
              if every != [1] else ""),
           "- dispersion: the memory read's softmax mass on keys of weight < 0.02 (weak) and > 0.05 (strong) at each "
@@ -512,7 +561,8 @@ def report(res: dict) -> str:
           + (f"PSNR per generated frame, moving average over {smooth} frames, revisited frames shaded"
              if smooth > 1 else "PSNR / SSIM over frame index, revisited frames shaded")
           + "), `dispersion.png` (weak- and strong-key mass per generated frame), `chunk_seconds.png` (seconds per "
-          "chunk), `retrieval_heatmap.png` (first clip: true overlap vs blocks read"
+          "chunk), `retrieval_heatmap.png` (first clip: true overlap, the "
+          f"{rel['true_overlap']}, vs the share of each strategy's reads per bank frame"
           + (", scored frames only" if every != [1] else "") + ").", ""]
     return "\n".join(L)
 

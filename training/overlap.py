@@ -4,6 +4,10 @@ Cameras follow the canonical clip (DESIGN §2.1): K in pixels with pixel centres
 in OpenCV axes, depth the z-depth along the optical axis. A pixel of view *s* is visible in view *d* when its
 back-projected 3-D point lands inside *d*'s image, in front of *d*, and at the depth *d*'s own depth map holds
 there (within a relative tolerance): so walls between the two cameras occlude, which poses alone cannot tell.
+
+Retrieval blocks against a view, two ways: :func:`block_overlap` (how much of each bank block the query frame sees
+anywhere: the frame rule) and :func:`block_relevance` (where in the bank frame each query block's own surface is:
+the block rule, the default of ``decmem eval``).
 """
 from __future__ import annotations
 
@@ -20,13 +24,11 @@ def _pixel_grid(H: int, W: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     return ys.reshape(-1), xs.reshape(-1)
 
 
-def visible_in(depth_s: np.ndarray, K_s: np.ndarray, c2w_s: np.ndarray, depth_d: np.ndarray, K_d: np.ndarray,
-               c2w_d: np.ndarray, rel_tol: float = 0.1, stride: int = 1) -> np.ndarray:
-    """bool [H_s // stride, W_s // stride] (rounded up): source pixels whose surface point view *d* also sees.
-
-    depth_s [H_s, W_s], K_s [3, 3], c2w_s [4, 4]: the source view; depth_d, K_d, c2w_d: the other view.
-    Pixels with a non-finite or non-positive depth are never visible.
-    """
+def _landing(depth_s: np.ndarray, K_s: np.ndarray, c2w_s: np.ndarray, depth_d: np.ndarray, K_d: np.ndarray,
+             c2w_d: np.ndarray, rel_tol: float, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vis, vi, ui), each [n] over every ``stride``-th source pixel (raster order): whether view *d* sees its
+    surface point, and the integer pixel (row, column) of *d* it lands in (clipped into the image where not vis).
+    Arguments as in :func:`visible_in`."""
     H, W = depth_s.shape
     ys, xs = _pixel_grid(H, W, stride)
     z = depth_s[ys, xs].astype(np.float64)                                        # [n]
@@ -50,7 +52,18 @@ def visible_in(depth_s: np.ndarray, K_s: np.ndarray, c2w_s: np.ndarray, depth_d:
     dd = depth_d[vi, ui].astype(np.float64)                                       # [n] what d sees there
     # the point is the surface d sees (not hidden behind it) when the depths agree
     agree = np.isfinite(dd) & (np.abs(zd - dd) <= rel_tol * np.maximum(np.abs(zd), np.abs(dd)))
-    vis = inside & agree
+    return inside & agree, vi, ui
+
+
+def visible_in(depth_s: np.ndarray, K_s: np.ndarray, c2w_s: np.ndarray, depth_d: np.ndarray, K_d: np.ndarray,
+               c2w_d: np.ndarray, rel_tol: float = 0.1, stride: int = 1) -> np.ndarray:
+    """bool [H_s // stride, W_s // stride] (rounded up): source pixels whose surface point view *d* also sees.
+
+    depth_s [H_s, W_s], K_s [3, 3], c2w_s [4, 4]: the source view; depth_d, K_d, c2w_d: the other view.
+    Pixels with a non-finite or non-positive depth are never visible.
+    """
+    H, W = depth_s.shape
+    vis, _, _ = _landing(depth_s, K_s, c2w_s, depth_d, K_d, c2w_d, rel_tol, stride)
     return vis.reshape(len(range(0, H, stride)), len(range(0, W, stride)))
 
 
@@ -100,3 +113,24 @@ def block_overlap(clip: dict, bank_frame: int, target_frame: int, blocks: np.nda
     hits = np.bincount(b[vis & valid], minlength=n_blocks).astype(np.float64)
     total = np.bincount(b[valid], minlength=n_blocks).astype(np.float64)
     return np.where(total > 0, hits / np.maximum(total, 1), 0.0)
+
+
+def block_relevance(clip: dict, bank_frame: int, target_frame: int, blocks: np.ndarray, n_blocks: int,
+                    rel_tol: float = 0.1, stride: int = 1) -> np.ndarray:
+    """float [n_blocks, n_blocks]: [q, b] the fraction of query block q of ``target_frame`` (its pixels with valid
+    depth) whose surface point ``bank_frame`` shows in its block b.
+
+    ``blocks``: :func:`pixel_blocks` at stride 1 (every pixel; the landing pixels of the bank frame are any of
+    them), the query pixels are every ``stride``-th one. Rows of query blocks with no valid depth are 0; a row
+    sums to the share of the block the bank frame sees at all.
+    """
+    depth, K, c2w = clip["depth"], clip["K"], clip["c2w"]
+    f, t = bank_frame, target_frame
+    vis, vi, ui = _landing(depth[t], K[t], c2w[t], depth[f], K[f], c2w[f], rel_tol, stride)
+    d = depth[t][::stride, ::stride].reshape(-1)
+    q = blocks[::stride, ::stride].reshape(-1)
+    total = np.bincount(q[np.isfinite(d) & (d > 0)], minlength=n_blocks).astype(np.float64)
+    # one (query block, bank block) pair per visible pixel, counted in a flat n_blocks x n_blocks histogram
+    pairs = q[vis] * n_blocks + blocks[vi[vis], ui[vis]]
+    hits = np.bincount(pairs, minlength=n_blocks * n_blocks).reshape(n_blocks, n_blocks).astype(np.float64)
+    return hits / np.maximum(total, 1)[:, None]
