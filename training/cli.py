@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for the train stage")
     dm.add_argument("--out", default="runs/demo", help="the demo's run directory")
     dm.add_argument("--config", default="configs/demo.yaml")
-    dm.add_argument("--scenes", type=int, default=6, help="training scenes to render")
+    dm.add_argument("--scenes", type=int, default=DemoArgs.scenes, help="training scenes to render")
     dm.add_argument("--frames", type=int, default=96, help="frames per training scene")
     dm.add_argument("--segment-frames", type=int, default=48, help="frames per training sample")
     dm.add_argument("--hw", default="32x32", help="frame size HxW")
