@@ -216,14 +216,16 @@ def test_cp_splits_the_bank_and_checkpointing_keeps_block_inputs():
 
 
 def test_dense_attention_costs_more_than_decmem_on_a_long_bank():
-    over = ("data.clip_frames=202", "data.min_context=100")
+    # a fixed number of target chunks: with data.target_chunks=0 (every chunk) the query stream grows with the clip
+    over = ("data.clip_frames=202", "data.min_context=100", "data.target_chunks=2")
     dec = estimate_memory(cfg_for("demo.yaml", *over), 1, (32, 32))
     dense = estimate_memory(cfg_for("demo.yaml", *over, "model.attention.strategy=dense"), 1, (32, 32))
     assert dense["memory_stream"] == dec["memory_stream"] and dense["bank_kv"] == dec["bank_kv"]
     assert dense["query_stream"] > 4 * dec["query_stream"]               # 200 frames read vs top_k blocks
-    longer = estimate_memory(cfg_for("demo.yaml", "data.clip_frames=402", "data.min_context=100",
+    longer = estimate_memory(cfg_for("demo.yaml", "data.clip_frames=402", "data.min_context=100", "data.target_chunks=2",
                                      "model.attention.strategy=dense"), 1, (32, 32))
-    dec_longer = estimate_memory(cfg_for("demo.yaml", "data.clip_frames=402", "data.min_context=100"), 1, (32, 32))
+    dec_longer = estimate_memory(cfg_for("demo.yaml", "data.clip_frames=402", "data.min_context=100",
+                                         "data.target_chunks=2"), 1, (32, 32))
     assert longer["query_stream"] > 1.8 * dense["query_stream"]          # grows with the bank
     assert dec_longer["query_stream"] == dec["query_stream"]             # decmem's read does not
 
