@@ -382,7 +382,9 @@ def plot_memory(rows: list[dict], path: str) -> None:
     key = f"loss_tau{tau:g}"
     runs = list(dict.fromkeys(r["run"] for r in rows))
     fig, (a, b) = figure(2, (13, 5))
-    styles = {"window": {"color": "k", "linestyle": "--", "marker": ""}}
+    # one colour per run in both panels (the recall panel has no window/dense line, so cycling would shift them)
+    styles = {n: {"color": f"C{i % 10}"} for i, n in enumerate(n for n in runs if n != "window")}
+    styles["window"] = {"color": "k", "linestyle": "--", "marker": ""}
     line_plot(a, {n: [(r["step"], r[key]) for r in rows if r["run"] == n] for n in runs},
               f"Exact-revisit probe: held-out velocity loss at τ = {tau:g}", "training step", "MSE", logy=True,
               styles=styles)
