@@ -19,7 +19,7 @@ DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
 def test_probe_samples_are_exact_revisits_older_than_the_window():
     p = MemoryProbeArgs(bank_frames=12)
     b = probe_batch(p, chunk_frames=2, window=2, n=64, g=torch.Generator().manual_seed(0))
-    lat, K, c2w, j = b["latents"], b["K"], b["c2w"], b["source"]
+    lat, c2w, j = b["latents"], b["c2w"], b["source"]
     assert lat.shape == (64, 14, 3, 16, 16) and lat.abs().max() <= 1
     assert int(j.max()) <= 12 - 2 - 2 and int(j.min()) == 0                      # revisits lie before the ALM window
     for i in range(64):

@@ -32,7 +32,7 @@ class DemoArgs:
 
     out: str = "runs/demo"
     config: str = "configs/demo.yaml"
-    scenes: int = 32                 # training scenes (the recipe BENCHMARKS.md measured; ~70 s to render)
+    scenes: int = 32                 # training scenes (the recipe BENCHMARKS.md measured; ~20 s to render)
     frames: int = 96                 # frames rendered per scene
     segment_frames: int = 48         # frames per training sample (>= data.clip_frames)
     hw: str = "32x32"

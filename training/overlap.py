@@ -90,14 +90,14 @@ def coverage(clip: dict, targets, sources, min_gap: int = 0, rel_tol: float = 0.
 #################################################################################
 
 
-def pixel_blocks(H: int, W: int, token_h: int, token_w: int, tile: tuple[int, int], stride: int = 1) -> np.ndarray:
-    """int [H // stride, W // stride] (rounded up): the retrieval block (``model.blocks.BlockLayout`` order: tiles
-    of ``tile`` = (bh, bw) tokens in raster order over the tile grid) each pixel of a frame falls in."""
+def pixel_blocks(H: int, W: int, token_h: int, token_w: int, tile: tuple[int, int]) -> np.ndarray:
+    """int [H, W]: the retrieval block (``model.blocks.BlockLayout`` order: tiles of ``tile`` = (bh, bw) tokens in
+    raster order over the tile grid) each pixel of a frame falls in; ``[::stride, ::stride]`` for a strided grid."""
     bh, bw = tile
-    ys, xs = _pixel_grid(H, W, stride)
+    ys, xs = _pixel_grid(H, W, 1)
     ty, tx = ys * token_h // H, xs * token_w // W                                 # the token each pixel belongs to
     b = (ty // bh) * (token_w // bw) + tx // bw
-    return b.reshape(len(range(0, H, stride)), len(range(0, W, stride)))
+    return b.reshape(H, W)
 
 
 def block_overlap(clip: dict, bank_frame: int, target_frame: int, blocks: np.ndarray, n_blocks: int,
