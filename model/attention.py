@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from model.blocks import pool_blocks
 from model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
-from model.memory import LOCAL, BankLayer
+from model.memory import LOCAL, BankLayer, MemoryContext
 from model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
@@ -170,7 +170,7 @@ class DecMemAttention(nn.Module):
     # Memory stream
     # ----------------------------------------------------------------------------
 
-    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None, ctx=None, pos=None):
+    def encode_memory(self, x: torch.Tensor, frame_tokens: int, past=None, ctx: MemoryContext | None = None, pos=None):
         """Clean frames with local causal attention; returns (out, BankLayer of these frames).
 
         x: [B, T * N_f, D], frames in time order. past: (k, v) [B, H, P, N_f, d] of
@@ -208,14 +208,17 @@ class DecMemAttention(nn.Module):
     # ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, bank: BankLayer | None, chunk_start: int, frame_tokens: int,
-                fov_frames: tuple[torch.Tensor, torch.Tensor] | None = None, ctx=None,
-                return_stats: bool = False, pos=None):
+                fov_frames: tuple[torch.Tensor, torch.Tensor] | None = None, ctx: MemoryContext | None = None,
+                return_stats: bool = False, pos=None, alm_keep: torch.Tensor | None = None):
         """The chunk's tokens read the bank. Returns (out [B, C*N_f, D], stats dict).
 
         x: [B, C * N_f, D] noisy chunk frames t0..t0+C-1 (t0 = chunk_start);
         bank: frames with global index < t0 are readable, later ones are ignored;
         fov_frames: (frames [B, k], valid [B, k]) for the fov_frames strategy;
-        pos: the chunk's TokenPositions (None: no positions inside attention).
+        pos: the chunk's TokenPositions (None: no positions inside attention);
+        alm_keep: [B] bool, False drops the ALM window's bank frames for that sample (training only, see
+        DiffusionArgs.window_dropout): the chunk then reads its own frames and the older memory. dense reads
+        the window as part of the bank and ignores it.
         """
         a, ctx = self.args, (ctx or LOCAL)
         B, N, _ = x.shape
@@ -231,8 +234,8 @@ class DecMemAttention(nn.Module):
         chunk = attend(q, k, v, backend=a.backend)                         # ([B, H, N, d], [B, H, N])
         win_kv = coarse = None
         if a.strategy not in ("dense", "dense_decay"):                      # dense reads the window anyway
-            win_kv = ctx.window_kv(bank, w_lo, L)
-            window = self._attend_frames(q, win_kv)
+            win_kv = ctx.window_kv(bank, w_lo, L)                         # called on every rank, dropped or not
+            window = self._attend_frames(q, win_kv, key_mask=self._keep_mask(alm_keep, win_kv))
 
         if a.strategy == "window":
             out = merge_lse([window, chunk])[0]
@@ -269,14 +272,22 @@ class DecMemAttention(nn.Module):
     # Branches
     # ----------------------------------------------------------------------------
 
-    def _attend_frames(self, q, kv, key_bias=None):
+    def _attend_frames(self, q, kv, key_bias=None, key_mask=None):
         """All queries over whole frames kv = ([B, H, n, N_f, d], ...) -> (out, lse)."""
         if kv is None:
             return attend(q, q[..., :0, :], q[..., :0, :], backend=self.args.backend)
         kf, vf = kv
         B, H, n, Nf, d = kf.shape
         return attend(q, kf.reshape(B, H, n * Nf, d), vf.reshape(B, H, n * Nf, d),
-                      key_bias=key_bias, backend=self.args.backend)
+                      key_bias=key_bias, key_mask=key_mask, backend=self.args.backend)
+
+    @staticmethod
+    def _keep_mask(alm_keep, kv):
+        """[B] keep flags -> key mask [B, H, n*N_f] over the window's tokens, or None when all are kept."""
+        if alm_keep is None or kv is None:
+            return None
+        B, H, n, Nf, _ = kv[0].shape
+        return alm_keep.to(torch.bool).view(B, 1, 1).expand(B, H, n * Nf)
 
     def _dense(self, q, bank, L, chunk_start, ctx):
         """Every readable bank token (dense), optionally biased by -decay * age in frames."""

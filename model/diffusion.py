@@ -14,8 +14,12 @@ class DiffusionArgs:
     logit_normal_std: float = 1.0
     sample_steps: int = 20            # Euler steps per generated chunk
     shift: float = 1.0                # τ' = shift·τ / (1 + (shift-1)·τ): >1 spends more steps at high noise
+    window_dropout: float = 0.0       # training: chance that a target chunk of a sample loses its ALM window, so that
+                                      # the loss can only be lowered by what SGM reads from older frames
 
     def __post_init__(self):
+        if not 0.0 <= self.window_dropout < 1.0:
+            raise ValueError(f"window_dropout: expected a probability in [0, 1), got {self.window_dropout}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps: expected >= 1, got {self.sample_steps}")
         if self.logit_normal_std <= 0 or self.shift <= 0:
@@ -24,11 +28,20 @@ class DiffusionArgs:
 
 def randn(shape, generator=None, dtype=None, device="cpu") -> torch.Tensor:
     """Normal noise; ``generator`` may be one per sample (a list), so a sample's noise is the same in any batch."""
+    return _draw(torch.randn, shape, generator, dtype, device)
+
+
+def rand(shape, generator=None, dtype=None, device="cpu") -> torch.Tensor:
+    """Uniform [0, 1) draws, one or one generator per sample like ``randn``."""
+    return _draw(torch.rand, shape, generator, dtype, device)
+
+
+def _draw(fn, shape, generator, dtype, device) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} per-sample generators for a batch of {shape[0]}")
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
-    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return torch.cat([fn((1, *shape[1:]), generator=g, dtype=dtype, device=device) for g in generator])
+    return fn(shape, generator=generator, dtype=dtype, device=device)
 
 
 def sample_tau(n: int, args: DiffusionArgs, generator=None, device="cpu") -> torch.Tensor:
@@ -44,6 +57,8 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     each target chunk. The memory stream encodes frames [0, max start) once; each
     chunk reads only the frames before its own start. ``generator``: one, or a list
     with one per sample (then the loss of a sample does not depend on its batch).
+    With ``args.window_dropout`` > 0 each (chunk, sample) first draws whether it keeps
+    its ALM window; the draw comes from the same generators, so every cp rank agrees.
     """
     B, T = latents.shape[:2]
     C = model.args.chunk_frames
@@ -59,13 +74,15 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     losses, stats = [], {}
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]
+        keep = rand((B,), generator, device=x0.device) >= args.window_dropout if args.window_dropout > 0 else None
         eps = randn(x0.shape, generator, x0.dtype, x0.device)
         tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
-        pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats)
+        pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats,
+                            alm_keep=keep)
         losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
     stats["bank_tokens"] = last * (latents.shape[-2] * latents.shape[-1]) // model.args.patch_size ** 2
-    if ctx is not None and hasattr(ctx, "bytes_moved"):
+    if ctx is not None:
         stats["cp_bytes"] = ctx.bytes_moved()
     return torch.stack(losses).mean(), stats
 

@@ -19,6 +19,7 @@ from model.attention import AttentionArgs, DecMemAttention
 from model.bank import MemoryBank
 from model.blocks import BlockLayout
 from model.camera import plucker_rays
+from model.memory import MemoryContext
 from model.posenc import CAMERAS, POSITIONS, ChannelSplit, TokenPositions, prope_matrices
 from model.retrieval import select_fov_frames
 
@@ -138,8 +139,8 @@ class DiTBlock(nn.Module):
     def encode_memory(self, x, c, Nf, past=None, ctx=None, pos=None):
         return self._run(x, c, Nf, lambda h: self.attn.encode_memory(h, Nf, past=past, ctx=ctx, pos=pos))
 
-    def forward(self, x, c, Nf, bank, chunk_start, fov=None, ctx=None, return_stats=False, pos=None):
-        return self._run(x, c, Nf, lambda h: self.attn(h, bank, chunk_start, Nf, fov, ctx, return_stats, pos))
+    def forward(self, x, c, Nf, bank, chunk_start, fov=None, ctx=None, return_stats=False, pos=None, alm_keep=None):
+        return self._run(x, c, Nf, lambda h: self.attn(h, bank, chunk_start, Nf, fov, ctx, return_stats, pos, alm_keep))
 
 
 class FinalLayer(nn.Module):
@@ -272,7 +273,7 @@ class VideoDiT(nn.Module):
     # ----------------------------------------------------------------------------
 
     def encode_memory(self, latents, K, c2w, frame_offset: int = 0, actions=None, past: MemoryBank | None = None,
-                      ctx=None) -> MemoryBank:
+                      ctx: MemoryContext | None = None) -> MemoryBank:
         """Memory stream over clean frames [frame_offset, frame_offset + T) -> their MemoryBank.
 
         past: the bank holding the frames just before (streaming generation): its
@@ -294,9 +295,13 @@ class VideoDiT(nn.Module):
             layers.append(layer)
         return MemoryBank(layers, K, c2w, frame_offset)
 
-    def forward(self, x_t, tau, K, c2w, chunk_start: int, bank: MemoryBank | None, actions=None, ctx=None,
-                return_stats: bool = False):
-        """Query stream: noisy chunk x_t [B, C, C_lat, h, w] at time tau ([B] or [B, C]) -> velocity, stats."""
+    def forward(self, x_t, tau, K, c2w, chunk_start: int, bank: MemoryBank | None, actions=None,
+                ctx: MemoryContext | None = None,
+                return_stats: bool = False, alm_keep: torch.Tensor | None = None):
+        """Query stream: noisy chunk x_t [B, C, C_lat, h, w] at time tau ([B] or [B, C]) -> velocity, stats.
+
+        alm_keep [B] bool (training only): False drops that sample's ALM window in every layer.
+        """
         B, C, _, h, w = x_t.shape
         Nf = self.layout(h, w).tokens
         frames = chunk_start + torch.arange(C)
@@ -308,7 +313,7 @@ class VideoDiT(nn.Module):
         per_layer = []
         for i, block in enumerate(self.blocks):
             layer = bank.layer(i) if bank is not None and (bank.frames or ctx is not None) else None
-            x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats, pos)
+            x, stats = block(x, c, Nf, layer, chunk_start, fov, ctx, return_stats, pos, alm_keep)
             per_layer.append(stats)
         out = self.unpatchify(self.final_layer(x, c, Nf), h, w)
         return out, _merge_stats(per_layer, C)

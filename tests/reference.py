@@ -13,11 +13,12 @@ def python_topk(scores_row, k, eligible):
     return sorted(cand[:k])
 
 
-def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on, pos=None):
+def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on, pos=None, alm_keep=None):
     """Masked-dense DecMem read: [B, N, D]. bank_k/v: [B, H, T, N_f, d] (all frames, block-major, as stored).
 
     merge: joint / gate / residual, as the layer's args say; the coarse branch when m.args.coarse.
     pos: the chunk's TokenPositions (bank K/V are already transformed).
+    alm_keep: [B] bool or None; a False sample's window holds only the chunk's own tokens.
     """
     a = m.args
     B, N, _ = x.shape
@@ -36,6 +37,10 @@ def reference_decmem(m, x, bank_k, bank_v, chunk_start, Nf, merge, bias_on, pos=
     win_mask = torch.zeros(T * Nf + N, dtype=torch.bool)
     win_mask[: T * Nf] = (tok_frame >= w_lo) & (tok_frame < L)
     win_mask[chunk_cols] = True
+    win_mask = win_mask.expand(B, T * Nf + N).clone()                    # [B, T*Nf + N], per sample
+    if alm_keep is not None:
+        win_mask[~alm_keep, : T * Nf] = False
+    win_mask = win_mask.view(B, 1, 1, -1)                                 # [B, 1, 1, T*Nf + N]
     q_pool = q.view(B, H, N // Bs, Bs, d).mean(-2)
     k_pool = bank_k.reshape(B, H, T * n_b, Bs, d).mean(-2)
     scores = q_pool @ k_pool.transpose(-1, -2) / math.sqrt(d)             # [B, H, n_qb, T*n_b]

@@ -54,17 +54,18 @@ def chunk_positions(C, Nf, d, seed=0):
     B=st.integers(1, 2), H=st.sampled_from([1, 2]), Nf=st.sampled_from([4, 8, 16]), Bs_div=st.sampled_from([1, 2, 4]),
     T=st.integers(0, 9), C=st.integers(1, 2), W=st.integers(1, 4), k=st.integers(1, 12), extra=st.integers(0, 3),
     merge=st.sampled_from(["residual", "gate", "joint"]), bias=st.booleans(), coarse=st.booleans(),
-    positions=st.booleans(),
+    positions=st.booleans(), drop=st.sampled_from(["none", "first", "all"]),
 )
-def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias, coarse, positions):
+def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias, coarse, positions, drop):
     Bs = max(1, Nf // Bs_div)
     m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias, coarse=coarse)
     chunk_start = max(0, T - extra)  # bank may hold frames at/after the chunk: they must be ignored
     kb, vb, bank = random_bank(B, H, T, Nf, 8, Bs)
     x = torch.randn(B, C * Nf, 8 * H, dtype=F64)
     pos = chunk_positions(C, Nf, 8) if positions else None
-    out, stats = m(x, bank if T else None, chunk_start, Nf, pos=pos)
-    ref, selected = reference_decmem(m, x, kb, vb, chunk_start, Nf, merge, bias, pos)
+    keep = None if drop == "none" else torch.arange(B) > 0 if drop == "first" else torch.zeros(B, dtype=torch.bool)
+    out, stats = m(x, bank if T else None, chunk_start, Nf, pos=pos, alm_keep=keep)
+    ref, selected = reference_decmem(m, x, kb, vb, chunk_start, Nf, merge, bias, pos, keep)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     got = torch.zeros_like(selected)
     idx, valid = stats["selected"], stats["selected_valid"]
@@ -159,6 +160,43 @@ def test_window_strategy_is_alm_only():
     # ALM = dense over frames [5, 7) plus the chunk: a dense read of a bank that starts at frame 5
     ref = reference_dense(m, x, kb[:, :, 5:7], vb[:, :, 5:7], 2, 8)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["window", "decmem", "fov_frames"])
+def test_dropped_window_reads_only_the_chunk_and_older_memory(strategy):
+    """Window dropout (training): a sample with alm_keep False no longer sees its ALM frames; the other sample
+    of the batch is unchanged, and decmem still reads the frames older than the window."""
+    Nf, D, T, t0, W = 8, 16, 10, 8, 3
+    m = make(strategy, dim=D, block_size=4, top_k=3, window=W, merge="residual", coarse=True, fov_frames=2)
+    mem = torch.randn(2, T * Nf, D, dtype=F64)
+    x = torch.randn(2, 2 * Nf, D, dtype=F64)
+    fov = (torch.tensor([[0, 3], [1, 4]]), torch.ones(2, 2, dtype=torch.bool)) if strategy == "fov_frames" else None
+    keep = torch.tensor([True, False])
+
+    def run(memory):
+        return m(x, m.encode_memory(memory, Nf)[1], t0, Nf, fov_frames=fov, alm_keep=keep)[0]
+
+    out = run(mem)
+    full, _ = m(x, m.encode_memory(mem, Nf)[1], t0, Nf, fov_frames=fov)
+    torch.testing.assert_close(out[0], full[0], atol=1e-12, rtol=0)          # kept sample: as without dropout
+    assert (out[1] - full[1]).abs().max() > 1e-3                            # dropped sample: its window is gone
+    window = mem.clone()
+    window[:, (t0 - W + 1) * Nf:t0 * Nf] += torch.randn_like(window[:, (t0 - W + 1) * Nf:t0 * Nf]) * 10
+    # rewriting the window's input frames also changes the frames after them in the memory stream, so compare
+    # the bank K/V directly: only frames < t0 - W + 1 (SGM's candidates) may influence the dropped sample
+    _, bank = m.encode_memory(mem, Nf)
+    _, bank_w = m.encode_memory(window, Nf)
+    assert torch.equal(bank.k[:, :, :t0 - W + 1], bank_w.k[:, :, :t0 - W + 1])
+    out_w = run(window)
+    torch.testing.assert_close(out_w[1], out[1], atol=1e-12, rtol=0)
+    assert (out_w[0] - out[0]).abs().max() > 1e-3
+    if strategy == "window":                                               # nothing older is read: chunk only
+        chunk_only, _ = m(x[1:], None, t0, Nf)
+        torch.testing.assert_close(out[1:], chunk_only, atol=1e-12, rtol=0)
+    else:                                                                   # the older memory still is
+        old = mem.clone()
+        old[:, :Nf * 5] += torch.randn_like(old[:, :Nf * 5]) * 10
+        assert (run(old)[1] - out[1]).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------

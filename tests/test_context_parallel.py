@@ -1,13 +1,15 @@
 """Context parallelism with real processes (gloo, CPU): cp = 2 and 4 reproduce the single-process model."""
 from __future__ import annotations
 
+import inspect
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from training.context_parallel import Layout, shard_range
+from model.memory import LocalMemory, MemoryContext
+from training.context_parallel import CPMemory, Layout, shard_range
 from training.cp_check import check_equivalence
 
 CASES = [
@@ -18,6 +20,8 @@ CASES = [
     dict(strategy="decmem", T=10, starts=[8], frame_pos=False, camera="none", repeat=[(5, 1), (6, 2), (7, 3)]),  # ties
     dict(strategy="decmem", T=11, starts=[7, 9], merge="residual", coarse=True, camera="prope", position="rope"),
     dict(strategy="decmem", T=10, starts=[4, 8], merge="joint", coarse=True, top_k=1),   # coarse candidates on few ranks
+    dict(strategy="decmem", T=12, starts=[4, 6, 8, 10], merge="residual", coarse=True, camera="prope", position="rope",
+         window_dropout=0.5),                                           # chunks 4 and 6 lose their window, 8 and 10 keep it
     dict(strategy="dense", T=9, starts=[7], camera="prope", position="rope"),
     dict(strategy="dense_decay", T=9, starts=[4, 7]),
     dict(strategy="window", T=9, starts=[7]),
@@ -49,3 +53,16 @@ def test_layout_and_shard_rules():
     assert [shard_range(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
     with pytest.raises(ValueError, match="a bank of 3 frames cannot be split across cp=4"):
         shard_range(3, 4, 0)
+
+
+def test_both_memory_contexts_implement_the_protocol():
+    """The attention layer calls the same methods on one process and under cp: every method of the protocol,
+    with its parameters, exists on both implementations (they had drifted before the protocol existed)."""
+    methods = [n for n, f in vars(MemoryContext).items() if callable(f) and not n.startswith("_")]
+    assert {"select_blocks", "merge_partials", "window_kv", "memory_halo", "bank_cameras", "bytes_moved"} <= set(methods)
+    for impl in (LocalMemory, CPMemory):
+        for name in methods:
+            assert callable(getattr(impl, name, None)), f"{impl.__name__} lacks {name}"
+            want = list(inspect.signature(getattr(MemoryContext, name)).parameters)[1:]
+            got = list(inspect.signature(getattr(impl, name)).parameters)[1:]
+            assert got == want, f"{impl.__name__}.{name}{got} != protocol {want}"

@@ -10,7 +10,7 @@ import torch
 from model.attention import AttentionArgs
 from model.bank import MemoryBank
 from model.camera import plucker_rays, relative_poses
-from model.diffusion import DiffusionArgs
+from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import ModelArgs, VideoDiT
 from model.rollout import rollout
 
@@ -38,6 +38,32 @@ def cameras(B, T, hw=(8, 8), seed=0, dtype=F64):
             c2w[b, t, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=dtype)
             c2w[b, t, :3, 3] = torch.randn(3, generator=g, dtype=dtype) * 0.2
     return K, c2w
+
+
+# ------------------------------------------------------------------------------------
+# Window dropout (training)
+# ------------------------------------------------------------------------------------
+
+def test_window_dropout_is_drawn_per_sample_and_only_drops_the_window():
+    m = tiny()
+    g = torch.Generator().manual_seed(5)
+    lat = torch.randn(2, 12, 3, 8, 8, generator=g, dtype=F64)
+    K, c2w = cameras(2, 12)
+    starts = [4, 6, 8, 10]
+
+    def loss(p, idx=(0, 1)):
+        gens = [torch.Generator().manual_seed(100 + i) for i in idx]
+        i = list(idx)
+        return rectified_flow_loss(m, lat[i], K[i], c2w[i], starts, DiffusionArgs(window_dropout=p), generator=gens)[0]
+
+    # each sample draws its own keep/drop from its own generator: its loss does not depend on the batch
+    torch.testing.assert_close(loss(0.5), (loss(0.5, (0,)) + loss(0.5, (1,))) / 2, atol=1e-6, rtol=0)   # fp32 loss
+    # p -> 0 and p -> 1 consume the same draws (noise and τ are identical), so any difference is the dropped window
+    keep_all, drop_all = loss(1e-9), loss(1 - 1e-9)
+    assert abs(keep_all.item() - drop_all.item()) > 2e-5                # ~100x the fp32 rounding of the loss
+    assert loss(0.5).item() not in (keep_all.item(), drop_all.item())   # some chunks kept, some dropped
+    with pytest.raises(ValueError, match="window_dropout"):
+        DiffusionArgs(window_dropout=1.0)
 
 
 # ------------------------------------------------------------------------------------
