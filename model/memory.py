@@ -1,15 +1,20 @@
-"""Per-layer memory-bank tensors and the single-process memory context.
+"""Per-layer memory-bank tensors, the memory-context protocol and its single-process implementation.
 
 The attention layer never talks to other processes. It is handed a context
-object and calls its methods; this file's ``LocalMemory`` is the one-process
-answer to each of them. The context-parallel version (training/) owns a
-contiguous range of bank frames and answers the same calls with collectives.
+object satisfying ``MemoryContext`` and calls its methods; this file's
+``LocalMemory`` is the one-process answer to each of them. The context-parallel
+version (``training/context_parallel.CPMemory``) owns a contiguous range of bank
+frames and answers the same calls with collectives. tests/test_context_parallel.py
+checks that both implement every method of the protocol with its signature.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from model.retrieval import topk_blocks
 
 
 #################################################################################
@@ -46,6 +51,44 @@ class BankLayer:
 
 
 #################################################################################
+#                               Memory Context                                  #
+#################################################################################
+
+class MemoryContext(Protocol):
+    """What the model asks of the bank's placement: the calls of attention, the memory stream and the loss."""
+
+    def global_frames(self, bank: BankLayer | None) -> int:
+        """Total bank frames across the group."""
+
+    def shard(self, n_frames: int) -> tuple[int, int]:
+        """The bank frames [lo, hi) of [0, n_frames) this process encodes."""
+
+    def select_blocks(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
+        """Global top-k of the candidate blocks -> (idx, valid, selected scores with gradient, all scores or None)."""
+
+    def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine partial attentions (out [..., d], lse [...]) over disjoint bank shards."""
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a statistic over the group's ranks, no gradient."""
+
+    def window_kv(self, bank: BankLayer | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K/V of global bank frames [lo, hi), whole on every rank: [B, H, n, N_f, d] each."""
+
+    def memory_halo(self, k: torch.Tensor, v: torch.Tensor, n: int):
+        """K/V of the n frames before this shard's first frame, at this layer, or None."""
+
+    def bank_cameras(self, K: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cameras of every bank frame of the group."""
+
+    def bytes_moved(self) -> dict[str, int]:
+        """Bytes this rank moved per collective since the last ``reset_bytes``."""
+
+    def reset_bytes(self) -> None:
+        """Start counting moved bytes afresh (once per step)."""
+
+
+#################################################################################
 #                            Single-process Context                             #
 #################################################################################
 
@@ -64,8 +107,6 @@ class LocalMemory:
         block indices, valid [..., k], selected scores [..., k] with gradient,
         all scores [..., n] or None where they are not all held locally).
         """
-        from model.retrieval import topk_blocks
-
         idx, valid = topk_blocks(local_scores, k)
         sel = local_scores.gather(-1, idx) if local_scores.shape[-1] else local_scores.new_zeros(idx.shape)
         return idx, valid, sel, local_scores
@@ -96,8 +137,12 @@ class LocalMemory:
         """Cameras of every bank frame (the local ones are all of them here)."""
         return K, c2w
 
-    def count_bytes(self, name: str, n: int) -> None:
-        """Bytes a collective moved (nothing moves on one process)."""
+    def bytes_moved(self) -> dict[str, int]:
+        """Nothing moves on one process."""
+        return {}
+
+    def reset_bytes(self) -> None:
+        """Nothing to reset on one process."""
 
 
-LOCAL = LocalMemory()
+LOCAL: MemoryContext = LocalMemory()

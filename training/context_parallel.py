@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from model.retrieval import topk_blocks
+
 
 #################################################################################
 #                                    Layout                                     #
@@ -149,19 +151,17 @@ class CPMemory:
 
     # ---- collectives the attention layer calls ------------------------------------
 
-    def select_blocks(self, local, bank, candidates: int, k: int):
+    def select_blocks(self, local_scores, bank, candidates: int, k: int):
         """Global top-k from each rank's local top-k: gather k (score, global index) pairs per rank, not all scores.
 
         The global top-k lies within the union of the local ones. Ranks hold increasing contiguous frame
         ranges and each local top-k lists blocks in ascending index, so in the gathered list position order
         is global index order, and the same tie rule (lower index first) gives the single-process answer.
         """
-        from model.retrieval import topk_blocks
-
         n_b = bank.blocks_per_frame if bank is not None else 1
         lo = self.ranges()[self.rank][0]
-        l_idx, l_valid = topk_blocks(local, k)                                          # [..., k] local indices
-        l_sel = local.gather(-1, l_idx) if local.shape[-1] else local.new_zeros(l_idx.shape)
+        l_idx, l_valid = topk_blocks(local_scores, k)                                          # [..., k] local indices
+        l_sel = local_scores.gather(-1, l_idx) if local_scores.shape[-1] else local_scores.new_zeros(l_idx.shape)
         l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf))
         g_sel = self._all_gather(l_sel, "scores")                                       # [cp, ..., k] (with grad)
         g_idx = self._all_gather_nograd(torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)), "scores")
