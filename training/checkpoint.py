@@ -3,7 +3,7 @@
     run_dir/checkpoints/
       step-N/                    one checkpoint (DeepSpeed's files + ours)
         trainstate.json          step, layout, config: human-readable, written by rank 0
-        trainstate/rank-R.pt     rank R's loader cursor, RNG states, EMA shard (weights_only loadable)
+        trainstate/rank-RRRRR.pt rank R's loader cursor, RNG states, EMA shard (weights_only loadable)
         weights/                 inference weights in the generation format (model.safetensors + config.yaml)
         weights-ema/             the EMA weights, when train.ema > 0
         SHA256SUMS               sha256 of every file above (``sha256sum -c SHA256SUMS`` checks it by hand)

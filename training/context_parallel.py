@@ -229,7 +229,7 @@ class CPMemory:
             parts.insert(0, tails[r][:, :, :, n - have:])
             need -= have
         if not parts:                # rank 0: no frames before it, but the gathered tensor must still be used,
-            parts = [tails[0][:, :, :, :0]]  # or its backward all-gather would not run here while others wait
+            parts = [tails[0][:, :, :, :0]]  # or its backward all-reduce would not run here while others wait
         past = torch.cat(parts, dim=3)                                                  # [2, B, H, P, Nf, d]
         return past[0], past[1]
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 class LogArgs:
     """What is logged and how often."""
 
-    every_steps: int = 10            # scalars (reduced across dp ranks) every N optimizer steps
+    every_steps: int = 10            # scalars (averaged over all ranks) every N optimizer steps
     heatmap_every: int = 50          # retrieval heatmap image every N steps (0 = off)
     rollout_every: int = 0           # short rollout next to ground truth every N steps (0 = off)
     rollout_frames: int = 8          # latent frames generated per rollout (the rest of the clip is the bank)
