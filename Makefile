@@ -10,7 +10,7 @@ STAMP := $(VENV)/.decmem-installed
 .PHONY: setup sysdeps test demo bench clean
 
 # Debian packages: headless rendering (MiniWorld over EGL, software GL) and a one-node SLURM for the tests
-# of `decmem submit` (slurm/local_cluster.py starts it on localhost).
+# of `decmem submit` (devtools/local_cluster.py starts it on localhost).
 SYSDEPS := libegl1 libegl-mesa0 libgl1-mesa-dri slurmctld slurmd slurm-client munge
 sysdeps:
 	@if dpkg -s $(SYSDEPS) >/dev/null 2>&1; then echo "system packages present: $(SYSDEPS)"; \
@@ -29,7 +29,9 @@ $(STAMP): setup.cfg pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# ruff first (pyproject.toml [tool.ruff]: pyflakes, syntax, import order, pyupgrade), then the suite
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q
 
 # The main job: render -> shards -> train (DeepSpeed, dp=1 x cp=2) -> generate per strategy -> eval/report.

@@ -33,6 +33,9 @@ import math
 import os
 
 import numpy as np
+import yaml
+
+from data_pipeline.overlap import visible_in
 
 FPS = 10
 NEAR, FAR = 0.04, 100.0        # MiniWorld's gluPerspective clipping planes (m)
@@ -86,7 +89,6 @@ def find_inputs(spec: str) -> list[dict]:
         if spec.endswith(".json"):
             entries = json.loads(text)
         else:
-            import yaml
             try:
                 entries = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
@@ -501,7 +503,7 @@ def revisit_fraction(clip: dict, window: int, clip_frames: int, coverage_min: fl
 
     A training sample is ``clip_frames`` consecutive frames; the model's window (ALM) holds a frame and the
     ``window - 1`` before it, its long-term memory the sample's older frames. What frame t shows that its window
-    does not (pixels, depth-based, ``training.overlap``, every ``stride``-th pixel) is its *new* content; if that is
+    does not (pixels, depth-based, ``data_pipeline.overlap``, every ``stride``-th pixel) is its *new* content; if that is
     >= ``new_min`` of the frame, either older frames saw >= ``coverage_min`` of it (memory can supply it) or not.
     Frames t >= window of every sample of the clip are scored:
       revisit   fraction of (sample, frame) pairs whose new content older frames of the same sample saw;
@@ -515,7 +517,6 @@ def revisit_fraction(clip: dict, window: int, clip_frames: int, coverage_min: fl
       samples   how many samples.
     """
     # Imported here: nothing else in data_pipeline depends on training.
-    from training.overlap import visible_in
 
     depth, K, c2w = clip["depth"], clip["K"], clip["c2w"]
     T = len(depth)

@@ -112,10 +112,6 @@ class Manifest:
             if len(rec["segments_done"]) >= rec.get("segments", 1 << 30):
                 rec["status"] = "done"
 
-    def shard_urls(self) -> list[str]:
-        return [storage.join(os.path.dirname(self.url) if not storage.is_remote(self.url) else self.url.rsplit("/", 1)[0],
-                             s["name"]) for s in self.data["shards"]]
-
 
 _SHAPING_KEYS = ("format_name", "resolution", "fps", "segment_frames", "codec")
 

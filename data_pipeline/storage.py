@@ -112,7 +112,8 @@ def _remote_error_types() -> tuple:
         except ImportError:
             pass
         try:                 # connection refused / closed: raised after s3fs and botocore gave up
-            from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+            from botocore.exceptions import ConnectionError as BotoConnectionError
+            from botocore.exceptions import HTTPClientError
             found += [BotoConnectionError, HTTPClientError]
         except ImportError:
             pass

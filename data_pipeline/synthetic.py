@@ -68,14 +68,6 @@ def texture(wall: int, ab: np.ndarray, seed: int, params: list[dict] | None = No
     return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def wall_colour(points: np.ndarray, seed: int) -> np.ndarray:
-    """Colour of world points [..., 3] lying on the room's surface -> uint8 [..., 3]."""
-    pts = np.asarray(points, dtype=np.float64)
-    axis = np.argmax(np.abs(pts), axis=-1)                              # the coordinate at +-R
-    normal = np.take_along_axis(pts, axis[..., None], -1)[..., 0]
-    return _shade(pts, _wall_id(axis, normal > 0), seed)
-
-
 def _shade(pts: np.ndarray, wall: np.ndarray, seed: int) -> np.ndarray:
     """Texture lookup for surface points pts [N..., 3] on walls wall [N...] -> uint8 [N..., 3]."""
     params = _texture_params(seed)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 import av
 import numpy as np

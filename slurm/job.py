@@ -7,6 +7,12 @@ import subprocess
 import sys
 import zlib
 
+import submitit
+
+from training.config import load_config
+from training.run_config import RunConfig
+from training.trainer import train
+
 log = logging.getLogger("decmem.slurm")
 
 
@@ -22,12 +28,6 @@ class TrainJob:
         self.config_file = config_file
 
     def __call__(self) -> dict:
-        import submitit
-
-        from training.config import load_config
-        from training.run_config import RunConfig
-        from training.trainer import train
-
         env = submitit.JobEnvironment()
         os.environ.update(MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(job_port(env.job_id)),
                           RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks))

@@ -12,6 +12,10 @@ import shutil
 import subprocess
 import time
 
+import submitit
+
+from training.checkpoint import resolve_resume
+
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE")
 
@@ -35,8 +39,6 @@ def slurm_state(job_id: str) -> dict:
 
 def local_state(record: dict) -> dict:
     """State of a job run by submitit's local executor (its own bookkeeping in the logs folder)."""
-    import submitit
-
     job = submitit.local.local.LocalJob(folder=record["logs"], job_id=record["job_id"],
                                         tasks=list(range(record.get("tasks_per_node", 1))))
     return {"state": job.state, "restarts": None, "exit_code": ""}
@@ -67,8 +69,6 @@ def wait_finished(job_id: str, deadline_s: float, poll_s: float = 2.0) -> dict:
 
 def describe(run_dir: str) -> str:
     """The lines `decmem jobs` prints."""
-    from training.checkpoint import resolve_resume
-
     path = os.path.join(run_dir, "jobs.json")
     if not os.path.exists(path):
         return f"{run_dir}: no jobs.json (nothing was submitted with `decmem submit` for this run_dir)"

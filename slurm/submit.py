@@ -18,6 +18,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+import submitit
+
+from data_pipeline import storage
+from slurm.job import TrainJob
+from training.config import dump_config
+from training.validate import validate
+
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
@@ -68,8 +75,6 @@ class SubmitArgs:
 
 def make_executor(sargs: SubmitArgs, folder: str, job_name: str, setup: list[str] | None = None):
     """A submitit executor for the cluster, with one task per GPU (or --tasks-per-node) on every node."""
-    import submitit
-
     cluster = sargs.resolved_cluster()
     if cluster != "slurm" and sargs.nodes > 1:
         raise ValueError(f"--nodes {sargs.nodes} needs --cluster slurm (the {cluster} executor runs on this machine)")
@@ -135,8 +140,6 @@ def snapshot_code(dest: str, root: str | None = None) -> str:
 
 def _absolute(cfg):
     """The job runs from the snapshot folder: local paths in the config must not depend on the cwd."""
-    from data_pipeline import storage
-
     cfg.run_dir = os.path.abspath(cfg.run_dir)
     if cfg.data.data and not storage.is_remote(cfg.data.data) and "{" not in cfg.data.data:
         cfg.data = dataclasses.replace(cfg.data, data=os.path.abspath(cfg.data.data))
@@ -147,9 +150,6 @@ def _absolute(cfg):
 
 def submit(cfg, sargs: SubmitArgs, dry_run: bool = False, log=print):
     """Validate for the job's world size, snapshot the code, submit; returns the submitit job (None on dry run)."""
-    from training.config import dump_config
-    from training.dry_run import validate
-
     cfg = _absolute(cfg)
     for w in validate(cfg, sargs.world):
         log(f"warning: {w}")
@@ -171,7 +171,6 @@ def submit(cfg, sargs: SubmitArgs, dry_run: bool = False, log=print):
     dump_config(cfg, run_yaml)
     ex = make_executor(sargs, folder, name, setup=[f"cd {shlex.quote(code)}",
                                                    f"export PYTHONPATH={shlex.quote(code)}:${{PYTHONPATH:-}}"])
-    from slurm.job import TrainJob
 
     if cluster == "local":        # the local executor has no setup lines: run the snapshot through the environment
         os.environ["PYTHONPATH"] = code + os.pathsep + os.environ.get("PYTHONPATH", "")

@@ -13,7 +13,7 @@ import pytest
 def s3_server():
     """A real S3-compatible server (moto) on loopback for the whole session; yields the bucket name."""
     pytest.importorskip("moto.server")
-    from data_pipeline.s3_local import loopback_s3
+    from devtools.s3_local import loopback_s3
 
     with loopback_s3("decmem-test") as bucket:
         yield bucket

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import reference_decmem, reference_dense
 
 from model.attention import AttentionArgs, DecMemAttention
 from model.blocks import pool_blocks
 from model.memory import BankLayer
 from model.posenc import ChannelSplit, TokenPositions, prope_matrices
-from reference import reference_decmem, reference_dense
 
 F64 = torch.float64
 
@@ -369,8 +369,9 @@ def test_bad_geometry_is_a_clear_error():
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 4), n=st.integers(0, 40), k=st.integers(1, 12), seed=st.integers(0, 10_000))
 def test_topk_matches_python_reference_with_many_ties(rows, n, k, seed):
-    from model.retrieval import topk_blocks
     from reference import python_topk
+
+    from model.retrieval import topk_blocks
 
     g = torch.Generator().manual_seed(seed)
     s = torch.randint(0, 4, (rows, n), generator=g).double()          # few distinct values: ties everywhere

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.bench_train import fit_ratio, fit_search, format_table, run_point, run_train_bench
+from bench.train import fit_ratio, fit_search, format_table, run_point, run_train_bench
 from training.config import load_config
 from training.run_config import RunConfig
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from training.cli import main
+from cli.main import main
 from training.config import ConfigError, dump_config, load_config, to_dict
 from training.run_config import RunConfig
 
@@ -91,11 +91,27 @@ def test_bench_attention_writes_rows(tmp_path):
 
 def test_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "decmem")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "training.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli"]
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, check=True)
     assert "bench" in r.stdout and "config" in r.stdout
     r = subprocess.run(cmd + ["bench", "attention", "--strategies", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown strategy" in r.stderr
+    for sub in (["train"], ["eval"], ["score"], ["generate"], ["preprocess"], ["submit"], ["jobs"], ["config"],
+                ["demo"], ["bench"], *(["bench", b] for b in ("attention", "generate", "train", "memory", "data", "cp"))):
+        r = subprocess.run(cmd + [*sub, "-h"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: decmem" in r.stdout, (sub, r.stderr[-2000:])
+
+
+def test_a_missing_input_answers_in_one_line(tmp_path, capsys):
+    """Every subcommand answers a user mistake in one line and a non-zero exit, never a traceback."""
+    cases = [(["preprocess", "--format", "re10k", str(tmp_path / "missing"), str(tmp_path / "out")], "missing"),
+             (["score", "--clip", str(tmp_path / "missing.npz"), "--runs", str(tmp_path), "--out", str(tmp_path / "o")],
+              "missing.npz"),
+             (["eval", "--weights", "W", "--data", "D", "--clip", "C", "--runs", "R", "--out", "O"], "decmem score")]
+    for argv, named in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and named in err, (argv, err)
 
 
 @pytest.mark.parametrize("name", ["bench_gpu.yaml", "bench_generate_gpu.yaml"])

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import inspect
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from cp_check import check_equivalence
 
 from model.memory import LocalMemory, MemoryContext
 from training.context_parallel import CPMemory, Layout, shard_range
-from training.cp_check import check_equivalence
+from training.distributed import free_port
 
 CASES = [
     dict(strategy="decmem", T=11, starts=[7, 9]),                       # 9 bank frames: not divisible by 2 or 4
@@ -27,12 +27,6 @@ CASES = [
     dict(strategy="window", T=9, starts=[7]),
     dict(strategy="fov_frames", T=11, starts=[9]),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])

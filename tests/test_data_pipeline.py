@@ -58,7 +58,7 @@ def test_manifest_shards_and_samples(dataset):
     assert all(r["status"] == "done" and r["segments_done"] == [0, 1, 2] for r in m["inputs"].values())
     assert not [f for f in os.listdir(dataset) if f.endswith(".tmp")]
     import webdataset as wds
-    keys = [s["__key__"] for s in wds.WebDataset(os.path.join(dataset, "shard-{000000..%06d}.tar" % (len(m["shards"]) - 1)),
+    keys = [s["__key__"] for s in wds.WebDataset(os.path.join(dataset, f"shard-{{000000..{len(m['shards']) - 1:06d}}}.tar"),
                                                   shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 18 and all("." not in k for k in keys)
 
@@ -193,7 +193,7 @@ def test_corrupt_shard_in_the_middle_is_skipped_and_counted(dataset, tmp_path):
         if n == names[1]:
             data = data[: len(data) // 2] + b"\x00garbage" * 64                   # truncated mid-member
         open(tmp_path / n, "wb").write(data)
-    pattern = str(tmp_path / ("shard-{000000..%06d}.tar" % (len(names) - 1)))
+    pattern = str(tmp_path / f"shard-{{000000..{len(names) - 1:06d}}}.tar")
     loader = ShardLoader(DataArgs(data=pattern, clip_frames=8, prefetch=0, interleave=1), 2)
     keys = [loader.next_batch()["keys"][0] for _ in range(20)]                    # > one epoch
     assert loader.stats["corrupt_shards"] >= 1 and loader.stats["corrupt_urls"][0].endswith(names[1])

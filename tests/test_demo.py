@@ -10,10 +10,10 @@ import sys
 import av
 from PIL import Image
 
-from training.evaluate import parse_report_table
+from evaluation.revisits import parse_report_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = [sys.executable, "-m", "training.cli", "demo", "--config", os.path.join(ROOT, "configs", "debug.yaml"),
+DEMO = [sys.executable, "-m", "cli", "demo", "--config", os.path.join(ROOT, "configs", "debug.yaml"),
         "--scenes", "2", "--frames", "48", "--segment-frames", "24", "--hw", "16x16", "--heldout-frames", "32",
         "--init-frames", "12", "--steps", "12", "--long-frames", "6", "--long-steps", "1", "--long-dense-frames", "2",
         "log.progress=false", "log.rollout_every=0"]
@@ -30,7 +30,7 @@ def test_demo_chain_at_debug_size(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     for stage in ("[1/6 data]", "[2/6 held-out]", "[3/6 train]", "[4/6 generate decmem]", "[4/6 generate window]",
-                  "[4/6 generate dense]", "[5/6 eval]", "[6/6 minute data]", "[6/6 minute eval]"):
+                  "[4/6 generate dense]", "[5/6 score]", "[6/6 minute data]", "[6/6 minute eval]"):
         assert stage in r.stdout, f"no summary line for {stage}"
     assert "$ decmem train" in r.stdout and "--nproc 2" in r.stdout and "train.cp=2" in r.stdout
 
@@ -95,8 +95,8 @@ def _manifest(root, inputs):
 
 
 def test_a_dataset_of_another_render_spec_is_not_reused(tmp_path):
+    from cli.demo import _manifest_done
     from data_pipeline.render import find_inputs
-    from training.demo import _manifest_done
 
     spec = "scenes=2,frames=48,hw=16x16,seed=0,path=revisit"
     _manifest(tmp_path / "same", find_inputs(spec))

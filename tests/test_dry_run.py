@@ -14,9 +14,9 @@ from data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import VideoDiT
 from training.config import load_config
-from training.dry_run import (check_data, count_parameters, estimate_memory, format_bytes, run_dry_run,
-                              validate)
+from training.dry_run import count_parameters, estimate_memory, format_bytes, run_dry_run
 from training.run_config import RunConfig
+from training.validate import check_data, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

@@ -21,12 +21,13 @@ import time
 
 import numpy as np
 import pytest
+from test_data_pipeline import SPEC, same
+from test_data_pipeline import args as preprocess_args
+from test_readers import RE10K_FILES, pose_times, write_video
 
 from data_pipeline import storage
 from data_pipeline.loader import DataArgs, ShardLoader, StorageUnavailableError
 from data_pipeline.preprocess import preprocess
-from test_data_pipeline import SPEC, args as preprocess_args, same
-from test_readers import RE10K_FILES, pose_times, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "decmem-faults"
@@ -48,10 +49,10 @@ def small_shards(tmp_path_factory):
 
 
 class S3Process:
-    """``python -m data_pipeline.s3_local`` in a child process: a moto S3 server we can stop and start."""
+    """``python -m devtools.s3_local`` in a child process: a moto S3 server we can stop and start."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.s3_local"], cwd=ROOT, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "devtools.s3_local"], cwd=ROOT, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = self.proc.stdout.readline().split()
         assert line[:1] == ["ready"], line
@@ -389,7 +390,7 @@ def test_train_with_the_storage_down_exits_with_one_clear_line(small_shards, s3_
     s3_env.send("stop")
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1")
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "training.cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
+    p = subprocess.run([sys.executable, "-m", "cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
                         "data.read_attempts=3", "data.read_retry_initial_s=0.2", "data.read_retry_max_wait_s=30",
                         f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.monotonic() - t0

@@ -17,9 +17,8 @@ import subprocess
 import time
 
 import pytest
-import torch
-
 import test_trainer
+import torch
 from test_trainer import metrics, train_cli, weights
 
 data = test_trainer.data                # test_trainer's module-scoped fixture: the rendered dataset, reused

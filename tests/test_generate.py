@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from data_pipeline.clip import save_clip
 from data_pipeline.synthetic import synthetic_clip
 from data_pipeline.video import read_mp4
 from model.attention import AttentionArgs
 from model.dit import ModelArgs, VideoDiT
-from training.cli import main
 from training.weights import save_weights
 
 
@@ -47,9 +48,18 @@ def test_generate_writes_videos_and_timings(setup, strategy):
 
 
 def test_generate_rejects_a_too_short_clip(setup, capsys):
-    with pytest.raises(ValueError, match=r"clip.npz: 20 frames give 20 latent frames .* needs 25 camera poses"):
-        main(["generate", "--weights", str(setup / "w"), "--clip", str(setup / "clip.npz"), "--init-frames", "5",
-              "--frames", "20", "--out", str(setup / "o")])
+    rc = main(["generate", "--weights", str(setup / "w"), "--clip", str(setup / "clip.npz"), "--init-frames", "5",
+               "--frames", "20", "--out", str(setup / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(r"clip.npz: 20 frames give 20 latent frames .* needs 25 camera poses", err)
+
+
+def test_generate_with_a_missing_clip_answers_in_one_line(setup, capsys):
+    rc = main(["generate", "--weights", str(setup / "w"), "--clip", str(setup / "missing.npz"), "--init-frames", "5",
+               "--frames", "4", "--out", str(setup / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and "missing.npz" in err
 
 
 def test_generate_through_a_time_compressing_autoencoder(tmp_path):

@@ -1,4 +1,4 @@
-"""The exact-revisit memory probe (training/bench_memory.py): the task, recall@k, and a CI-sized learning run."""
+"""The exact-revisit memory probe (bench/memory.py): the task, recall@k, and a CI-sized learning run."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,15 @@ import os
 import pytest
 import torch
 
-from training.bench_memory import (MemoryProbeArgs, parse_runs, probe_batch, probe_cameras, recall, run_memory_bench,
-                                   targets_memory)
+from bench.memory import (
+    MemoryProbeArgs,
+    parse_runs,
+    probe_batch,
+    probe_cameras,
+    recall,
+    run_memory_bench,
+    targets_memory,
+)
 from training.config import load_config
 from training.run_config import RunConfig
 

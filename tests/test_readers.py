@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.clip import load_clip, save_clip
-from data_pipeline.readers import READERS, get_reader, memory_maze, nerfstudio, re10k, worldmem
+from data_pipeline.readers import READERS, memory_maze, nerfstudio, re10k, worldmem
 
 RE10K_DIR = "/work/shared/data/re10k_poses"
 RE10K_FILES = sorted(glob.glob(os.path.join(RE10K_DIR, "*.txt")))
@@ -90,9 +90,7 @@ def test_registry():
     assert set(READERS) == {"re10k", "nerfstudio", "worldmem", "memory_maze"}
     for mod in READERS.values():
         assert callable(mod.find_inputs) and callable(mod.read) and mod.__doc__
-    assert get_reader("re10k") is re10k
-    with pytest.raises(ValueError, match="re10k"):
-        get_reader("re10")
+    assert READERS["re10k"] is re10k
 
 
 # ----------------------------------------------------------------------------- RealEstate10K

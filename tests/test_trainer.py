@@ -15,7 +15,7 @@ from data_pipeline.loader import DataArgs, ShardLoader
 from training.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DECMEM = [sys.executable, "-m", "training.cli"]
+DECMEM = [sys.executable, "-m", "cli"]
 CONFIG = os.path.join(ROOT, "configs", "debug.yaml")
 
 
@@ -182,7 +182,7 @@ def run_world(tmp_path, name, world, overrides, steps):
 
 
 def _entry(rank, world, port, config, overrides, steps, out):
-    from training.train_check import run_steps
+    from train_check import run_steps
 
     run_steps(rank, world, port, config, overrides, steps, out)
 
@@ -231,10 +231,10 @@ def test_gradient_accumulation(tmp_path, data):
 
 
 def test_deepspeed_launcher(tmp_path, data):
-    """`deepspeed --num_gpus 2 --module training.cli train ...` (it passes --local_rank before the subcommand)."""
+    """`deepspeed --num_gpus 2 --module cli train ...` (it passes --local_rank before the subcommand)."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     run_dir = str(tmp_path / "ds")
-    r = subprocess.run([launcher, "--num_gpus", "2", "--module", "training.cli", "train", CONFIG, f"run_dir={run_dir}",
+    r = subprocess.run([launcher, "--num_gpus", "2", "--module", "cli", "train", CONFIG, f"run_dir={run_dir}",
                         f"data.data={data}", "train.steps=2", "log.progress=false"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,1 +1,1 @@
-"""Everything around the model: configs, CLI, benchmarks (and later the trainer, DeepSpeed, context parallel)."""
+"""The training job: DeepSpeed engine, loop, checkpoints, config, context parallelism (see DESIGN §4, §5, §9)."""

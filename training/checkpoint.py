@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from data_pipeline.storage import write_bytes_atomic
 from training.distributed import RunFailed
 from training.faults import maybe_kill_in_save
 from training.weights import file_sha256 as _sha256
@@ -192,10 +193,10 @@ def _deepspeed_safe_globals() -> list:
     """The non-tensor classes DeepSpeed 0.19 pickles into its optimizer states, ZeRO stages 0-3, fp32 and bf16: an
     enum, the loss scalers and an (int, int) dataclass, whose unpickling sets attributes and runs no code."""
     out = []
-    try:
+    try:  # deepspeed is imported by the trainer first (DS_ACCELERATOR); here only its classes are needed
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address    # ZeRO-1/2 and bf16: param_slice_mappings
+        from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 and bf16: param_slice_mappings
 
         out += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     except ImportError:  # another DeepSpeed: its files then load only if they hold tensors and containers
@@ -524,8 +525,6 @@ def load_checkpoint(engine, path: str, rank: int, layout: dict) -> TrainState:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    from data_pipeline.storage import write_bytes_atomic
-
     write_bytes_atomic(path, text.encode())
 
 

@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from model.retrieval import topk_blocks
 
-
 #################################################################################
 #                                    Layout                                     #
 #################################################################################
@@ -55,6 +54,14 @@ class Layout:
                              f"cp must divide the number of processes (valid cp: {[c for c in range(1, world + 1) if world % c == 0]})")
         return cls(world, world // cp, cp, rank)
 
+    def cp_groups(self) -> list[list[int]]:
+        """The ranks of every cp group (they share one sample), in group order."""
+        return [list(range(g * self.cp, (g + 1) * self.cp)) for g in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """The ranks of every dp group (same cp rank, different samples), in group order."""
+        return [list(range(c, self.world, self.cp)) for c in range(self.cp)]
+
 
 def shard_range(n_frames: int, cp: int, cp_rank: int) -> tuple[int, int]:
     """Contiguous frames [lo, hi) of rank cp_rank: the first n % cp ranks get one frame more."""
@@ -69,13 +76,11 @@ def shard_range(n_frames: int, cp: int, cp_rank: int) -> tuple[int, int]:
 def build_groups(layout: Layout):
     """(cp group of this rank, dp group of this rank); every rank creates every group, in the same order."""
     cp_group = dp_group = None
-    for g in range(layout.dp):
-        ranks = list(range(g * layout.cp, (g + 1) * layout.cp))
+    for ranks in layout.cp_groups():
         grp = dist.new_group(ranks) if layout.cp > 1 else None
         if layout.rank in ranks:
             cp_group = grp
-    for c in range(layout.cp):
-        ranks = list(range(c, layout.world, layout.cp))
+    for ranks in layout.dp_groups():
         grp = dist.new_group(ranks) if layout.dp > 1 else None
         if layout.rank in ranks:
             dp_group = grp

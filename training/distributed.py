@@ -17,12 +17,24 @@ import warnings
 from datetime import timedelta
 
 import torch
+import torch.distributed
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_loopback_group(rank: int, world: int, port: int, timeout_s: float = 120) -> None:
+    """A gloo process group on 127.0.0.1:port for processes spawned on this machine (benchmarks, tests).
+
+    The timeout makes a mismatched collective fail instead of hanging."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=timeout_s))
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -47,7 +59,7 @@ def init_distributed(device: str, timeout_s: int) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) -> (rank, local_rank, world)."""
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # read when deepspeed is first imported
-    import deepspeed
+    import deepspeed  # here, not at the top: only after DS_ACCELERATOR is set (the line above)
     import deepspeed.ops
 
     # DeepSpeed's ZeRO-3 still calls the collectives torch 2.13 renamed; the warning is theirs, once per call
@@ -140,19 +152,16 @@ def failure_exit_code(failures: dict) -> int:
     return codes.pop() if len(codes) == 1 and min(codes, default=0) > 0 else 1
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
-    """Run ``decmem <argv>`` in nproc local processes under torchrun's agent (a dead rank stops the others).
+def launch_local(nproc: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m <module> <argv>`` (the CLI's module, which passes its own name) in nproc local processes under torchrun's agent (a dead rank stops the others).
 
     The agent notices a dead worker within its monitor interval (0.1 s) and SIGTERMs the rest; a survivor blocked
     in a collective with the dead rank gets gloo's "connection closed" at once and exits (PeerLost). On failure this
     prints one line naming the rank(s) that failed and how, e.g. ``rank 1 (pid 123) was killed by signal 9
     (SIGKILL)``, instead of the agent's multi-line report.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-                       "--module", "training.cli", *argv])
+                       "--module", module, *argv])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(args)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
@@ -46,12 +49,9 @@ class MetricLogger:
             if start_step:
                 drop_rows_after(path, start_step)
             self.jsonl = open(path, "a")             # the same numbers, machine-readable
-            from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step or None)
             if args.progress:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                                 desc=os.path.basename(run_dir.rstrip("/")) or "train")
 
@@ -78,7 +78,8 @@ class MetricLogger:
 
     def write_line(self, step: int, means: dict[str, float]) -> None:
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
+            row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in means.items()}
+            self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")   # strict JSON: NaN -> null
             self.jsonl.flush()
 
     def progress(self, step: int, means: dict[str, float] | None = None) -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from data_pipeline.loader import DataArgs
 from model.diffusion import DiffusionArgs
 from model.dit import ModelArgs
-from training.bench_memory import MemoryProbeArgs
 from training.checkpoint import CheckpointArgs
 from training.config import register_root
 from training.metrics import LogArgs
@@ -18,6 +17,10 @@ from training.optim import OptimArgs
 from training.trainer import TrainArgs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+# The benchmark sections (bench, bench_generate, bench_memory) are declared here, not in bench/, because a run
+# config is one YAML schema that every stage reads (configs/debug.yaml has a bench section and trains): their
+# code lives in bench/, which imports training/, never the reverse.
 
 
 @dataclass
@@ -66,6 +69,44 @@ class GenerateBenchArgs:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class MemoryProbeArgs:
+    """The exact-revisit probe: task geometry, training length and evaluation."""
+
+    bank_frames: int = 12            # F: textured frames in the bank, one camera each
+    yaw_deg: float = 30.0            # yaw between consecutive bank cameras
+    pitch_levels: int = 1            # rings of cameras at different pitch, for banks longer than one turn of yaw
+    pitch_deg: float = 15.0          # pitch between rings
+    fov_deg: float = 60.0            # horizontal and vertical field of view
+    latent_h: int = 16               # frame size (pixels codec: 3 channels)
+    latent_w: int = 16
+    texture_cells: int = 4           # smoothness: textures are bicubic upsamplings of cells x cells noise
+    steps: int = 1000                # training steps per run
+    batch: int = 1                   # samples per step
+    lr: float = 1e-3                 # AdamW, constant after warmup
+    warmup: int = 20
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    eval_samples: int = 16
+    taus: tuple = (0.3, 0.6, 0.9)    # τ at which held-out velocity loss is reported (recall at the largest)
+    seeds: int = 1                   # repeats of every run (model init and data stream seed + i; same held-out set)
+    threads: int = 0                 # torch threads per run process (0: cores / jobs)
+
+    def __post_init__(self):
+        for key in ("bank_frames", "latent_h", "latent_w", "texture_cells", "steps", "batch", "eval_every",
+                    "eval_samples", "seeds"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
+        ring = round(360 / self.yaw_deg) if self.yaw_deg > 0 else 1
+        if self.bank_frames > ring * self.pitch_levels:
+            raise ValueError(f"bank_frames={self.bank_frames}: only {ring} x {self.pitch_levels} distinct cameras with "
+                             f"yaw_deg={self.yaw_deg:g} and pitch_levels={self.pitch_levels}; two bank frames with one "
+                             "camera would make the source ambiguous (raise pitch_levels)")
+        if not self.taus or not all(0 < t < 1 for t in self.taus):
+            raise ValueError(f"taus: expected values in (0, 1), got {self.taus!r}")
+        self.taus = tuple(float(t) for t in self.taus)
 
 
 @register_root

@@ -50,14 +50,38 @@ import os
 import signal
 import time
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
+from torch.utils.checkpoint import checkpoint
 
+from data_pipeline import storage
+from data_pipeline.loader import ShardLoader, resolve_shards
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import VideoDiT
+from model.rollout import rollout
+from training.checkpoint import (
+    CheckpointRefused,
+    TrainState,
+    describe_write_error,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.config import dump_config, to_dict
+from training.context_parallel import CPMemory, Layout, build_groups
+from training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
 from training.faults import maybe_fail, maybe_kill, maybe_nan
+from training.metrics import MetricLogger
+from training.optim import build_optimizer, build_scheduler
+from training.validate import resolve_precision, validate
+from training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
+from training.weights import load_weights, save_weights
 
 log = logging.getLogger("decmem.train")
 
@@ -90,8 +114,6 @@ def apply_activation_checkpointing(model: VideoDiT) -> None:
     DeepSpeed's non-reentrant checkpoints alike); reentrant checkpointing fires the gradient hooks once per
     use of a block, and blocks are used once per stream and chunk. ZeRO-2 keeps the weights whole.
     """
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.blocks:
         for name in ("forward", "encode_memory"):
             setattr(block, name, functools.partial(checkpoint, getattr(block, name), use_reentrant=False))
@@ -156,7 +178,7 @@ class ShardedEMA:
 
 def gather_state_dict(module: nn.Module, rank: int, ema: ShardedEMA | None = None, prefix: str = "model.") -> dict:
     """Collective: full fp32 weights of ``module`` (raw or EMA) on rank 0, one parameter at a time."""
-    import deepspeed
+    import deepspeed  # after init_distributed set DS_ACCELERATOR, which deepspeed reads once, at its first import
 
     out = {}
     for name, p in module.named_parameters():
@@ -178,16 +200,11 @@ class Trainer:
     """One rank's training loop: built once, ``fit()`` runs to train.steps (or to a stop signal)."""
 
     def __init__(self, cfg, rank: int, world: int, device: str):
-        import deepspeed
-
-        from data_pipeline.loader import ShardLoader
-        from training.checkpoint import TrainState
-        from training.context_parallel import CPMemory, Layout, build_groups
-        from training.optim import build_optimizer, build_scheduler
+        import deepspeed  # after init_distributed set DS_ACCELERATOR, which deepspeed reads once, at its first import
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         t = cfg.train
-        self.precision = ("bf16" if device == "cuda" else "fp32") if t.precision == "auto" else t.precision
+        self.precision = resolve_precision(t.precision, device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.layout = Layout.make(world, t.cp, rank)
         if t.threads:
@@ -219,9 +236,6 @@ class Trainer:
 
     @staticmethod
     def _init_from(model: VideoDiT, weights_dir: str) -> None:
-        from training.checkpoint import CheckpointRefused
-        from training.weights import load_weights
-
         try:
             src, wcfg = load_weights(weights_dir)
         except (ValueError, FileNotFoundError) as e:   # a changed or unreadable file: one line, on every rank alike
@@ -234,8 +248,6 @@ class Trainer:
 
     def restore(self) -> str | None:
         """Resume per checkpoint.resume; returns the folder resumed from (None: fresh start)."""
-        from training.checkpoint import load_checkpoint, resolve_resume, set_rng_state
-
         path = resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
         if path is None:
             return None
@@ -332,9 +344,6 @@ class Trainer:
     def fit(self) -> str:
         """Train to train.steps -> "done"; or, after saving the step: "requeue" (SIGUSR2 on any rank: preemption or
         time limit, the launcher should requeue), "stopped" (SIGTERM, or train.stop_at reached)."""
-        from training.checkpoint import rng_state, save_checkpoint
-        from training.metrics import MetricLogger
-
         cfg, t = self.cfg, self.cfg.train
         logger = MetricLogger(cfg.log, cfg.run_dir, self.rank, self.world, t.steps, self.state.step)
         last_save, outcome, bad_run = time.monotonic(), "done", 0
@@ -429,9 +438,6 @@ class Trainer:
 
         A failed write (a full disk) is reported, not raised: every rank must still take part in the next gather.
         """
-        from training.checkpoint import describe_write_error
-        from training.weights import save_weights
-
         errors = []
         for sub, ema in (("weights", None), ("weights-ema", self.ema)):
             if sub == "weights-ema" and ema is None:
@@ -449,22 +455,20 @@ class Trainer:
     @functools.cached_property
     def _codec(self) -> str:
         """The codec the dataset was preprocessed with, from its manifest (read once)."""
-        from data_pipeline import storage
-        from data_pipeline.loader import resolve_shards
-
+        first = resolve_shards(self.cfg.data.data)[0]
+        manifest = storage.join(first.rsplit("/", 1)[0], "manifest.json")
         try:
-            first = resolve_shards(self.cfg.data.data)[0]
-            manifest = storage.join(first.rsplit("/", 1)[0], "manifest.json")
-            return json.loads(storage.read_bytes(manifest)).get("config", {}).get("codec", "pixels")
-        except Exception:  # a shard pattern without a manifest: the loader decoded mp4 frames, i.e. pixels
-            return "pixels"
+            data = storage.read_bytes(manifest)
+        except Exception as e:
+            if storage.is_missing(e):   # a shard pattern without a manifest: the loader decoded mp4 frames, i.e. pixels
+                return "pixels"
+            raise                       # a storage error must not label autoencoder-trained weights as pixels
+        return json.loads(data).get("config", {}).get("codec", "pixels")
 
     def _frame_pixels(self) -> list[int]:
         return list(self.frame_hw) if self.frame_hw and self._codec == "pixels" else [0, 0]
 
     def _write_heatmap(self, writer, stats: dict, batch: dict, step: int) -> None:
-        from training.visuals import add_heatmap, retrieval_heatmap
-
         layers = [s for s in stats["layers"] if "selected" in s]
         if not layers:
             return
@@ -475,9 +479,6 @@ class Trainer:
 
     def _write_rollout(self, writer, step: int) -> None:
         """Collective gather of the weights; rank 0 rolls a held-out clip out and logs it next to ground truth."""
-        from model.rollout import rollout
-        from training.visuals import add_gif, side_by_side_gif, to_rgb_frames
-
         sd = gather_state_dict(self.engine.module, self.rank, self.ema)
         if self.rank != 0:
             return
@@ -500,10 +501,6 @@ class Trainer:
     def _validation_clip(self) -> dict:
         """The first sample of the dataset under a fixed seed: the same clip at every rollout, on resume too."""
         if self._val_clip is None:
-            from dataclasses import replace
-
-            from data_pipeline.loader import ShardLoader
-
             args = replace(self.cfg.data, batch_size=1, prefetch=0, seed=self.cfg.data.seed + 1)
             loader = ShardLoader(args, self.cfg.model.chunk_frames, 0, 1)
             self._val_clip = loader.next_batch()
@@ -517,8 +514,6 @@ class Trainer:
 
 def train(cfg) -> str:
     """Run (or resume) one training job in this process, as one rank of the launcher's world."""
-    from training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
-
     device = resolve_device(cfg.train.device)
     rank, _, world = init_distributed(device, cfg.train.timeout_s)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -539,12 +534,9 @@ def train(cfg) -> str:
 
 def _train(cfg, rank: int, world: int, device: str) -> str:
     """Build the trainer, resume, dump the config (rank 0) and fit."""
-    import yaml
-
-    from training.config import dump_config, to_dict
-    from training.dry_run import validate
-
-    validate(cfg, world)
+    for warning in validate(cfg, world):      # errors were raised before launch; warnings belong in the run's log
+        if rank == 0:
+            log.warning("config: %s", warning)
     trainer = Trainer(cfg, rank, world, device)
     resumed = trainer.restore()
     if rank == 0:

@@ -13,6 +13,7 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 # Viridis sampled at 8 evenly spaced points: perceptually ordered and readable in greyscale.
 _VIRIDIS = np.array([
@@ -117,8 +118,6 @@ def side_by_side_gif(gt: np.ndarray, gen: np.ndarray, fps: float = 4.0, scale: i
 
 def add_gif(writer, tag: str, gif: bytes, step: int) -> None:
     """Write encoded GIF bytes as a TensorBoard image summary (the images plugin animates them)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
     with Image.open(io.BytesIO(gif)) as im:
         width, height = im.size
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)

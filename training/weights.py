@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from model.diffusion import DiffusionArgs
 from model.dit import ModelArgs, VideoDiT
@@ -33,8 +34,6 @@ class WeightsConfig:
 def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None = None, codec: str = "pixels",
                  frame_hw=(0, 0), state_dict: dict | None = None) -> str:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml`` (temporary names, then renamed)."""
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -50,8 +49,6 @@ def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None 
 
 def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=()) -> tuple[VideoDiT, WeightsConfig]:
     """Build the model from ``config.yaml`` and load ``model.safetensors`` strictly (no pickle)."""
-    from safetensors.torch import load_file
-
     cfg_path, st_path = os.path.join(weights_dir, "config.yaml"), os.path.join(weights_dir, "model.safetensors")
     for p in (cfg_path, st_path):
         if not os.path.isfile(p):

@@ -12,11 +12,4 @@ from data_pipeline.readers import memory_maze, nerfstudio, re10k, worldmem
 READERS = {"re10k": re10k, "nerfstudio": nerfstudio, "worldmem": worldmem, "memory_maze": memory_maze}
 
 
-def get_reader(name: str):
-    """The reader module registered as ``name``; ValueError listing the known names otherwise."""
-    if name not in READERS:
-        raise ValueError(f"unknown source {name!r}; expected one of {', '.join(sorted(READERS))}")
-    return READERS[name]
-
-
-__all__ = ["READERS", "get_reader"]
+__all__ = ["READERS"]

@@ -25,8 +25,7 @@ import os
 import numpy as np
 
 from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import (get_key, intrinsics, load_npz, make_id, rigid, unique_ids,
-                                          walk_files)
+from data_pipeline.readers._common import get_key, intrinsics, load_npz, make_id, rigid, unique_ids, walk_files
 
 SOURCE = "memory_maze"
 VFOV_DEG = 80.0

@@ -23,8 +23,16 @@ import os
 import numpy as np
 
 from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import (decode_all, get_key, intrinsics, load_npz, make_id, rigid,
-                                          unique_ids, walk_files)
+from data_pipeline.readers._common import (
+    decode_all,
+    get_key,
+    intrinsics,
+    load_npz,
+    make_id,
+    rigid,
+    unique_ids,
+    walk_files,
+)
 
 SOURCE = "worldmem"
 FOCAL_FRAC = 0.35                       # WorldMem's fixed intrinsics: fx = 0.35 W, fy = 0.35 H

@@ -4,7 +4,7 @@
     2 held-out  decmem preprocess --format render ...   one more scene, never trained on
     3 train     decmem train CONFIG --nproc 2 train.cp=2   DeepSpeed ZeRO-3, dp=1 x cp=2, TensorBoard
     4 generate  decmem generate --strategy S ...         once per strategy, bank initialised from the held-out clip
-    5 eval      decmem eval --clip ... --runs ...         revisit PSNR/SSIM, compare.mp4, revisits.png, report.md
+    5 score     decmem score --clip ... --runs ...        revisit PSNR/SSIM, compare.mp4, revisits.png, report.md
     6 minute    decmem preprocess ...; decmem eval --weights ... --frames 600
                                                         the minute-long rollout of one more held-out scene: PSNR
                                                         per frame, seconds per chunk and dispersion over 60 s
@@ -23,6 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from cli.common import fail, log, strategies
+from data_pipeline.render import FPS, find_inputs
+from evaluation.report import fmt
+from training.checkpoint import resolve_resume
+from training.config import load_config
+from training.run_config import RunConfig
+
 STRATEGIES = ("decmem", "window", "dense")
 
 
@@ -39,13 +46,13 @@ class DemoArgs:
     heldout_frames: int = 64         # the held-out clip: init frames + generated frames
     # The held-out scene is never trained on (training renders seeds 0..scenes-1). Seed 1024 is chosen by its
     # camera path alone: with path=revisit, 29 of the 40 frames generated after its first 24 come back to one of
-    # their poses (the pose rule of `decmem eval --runs`: within 0.25 and 20 deg, >= 8 frames older; seeds
+    # their poses (the pose rule of `decmem score`: within 0.25 and 20 deg, >= 8 frames older; seeds
     # 1000-1029 average 26.9), so the revisit columns of the report have frames to measure.
     heldout_seed: int = 1024
     init_frames: int = 24            # ground-truth frames that initialise the bank
     # Stage 6, the minute-long rollout: one more held-out scene (path=revisit), init_frames + long_frames frames.
     long_frames: int = 600           # generated frames: 60 s at 10 fps
-    # Seed 1111 is chosen by depth-based coverage (training.overlap.coverage, as `decmem eval` counts revisits:
+    # Seed 1111 is chosen by depth-based coverage (data_pipeline.overlap.coverage, as `decmem eval` counts revisits:
     # >= 50% of a frame's pixels seen by an init frame >= 8 frames older): 340 of its 600 generated frames
     # come back to views of the first 24, in every quarter of the minute (150, 26, 79, 85), the last at frame
     # 596; seeds 1100-1129 average 139, and 7 of them never come back after the first quarter.
@@ -62,8 +69,18 @@ class DemoArgs:
     overrides: list = field(default_factory=list)   # extra key=value for `decmem train`
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "training.cli", *map(str, args)]
+    return [sys.executable, "-m", "cli", *map(str, args)]
 
 
 def _run(stage: str, cmd: list[str], log) -> float:
@@ -76,12 +93,10 @@ def _run(stage: str, cmd: list[str], log) -> float:
 def _manifest_done(root: str, spec: str) -> bool:
     """The dataset at root holds exactly the scenes of this render spec, all finished. Whole descriptors are
     compared (id, seed, frames, hw, path kind): the ids alone do not change with the frames or the path."""
-    from data_pipeline.render import find_inputs
-
     path = os.path.join(root, "manifest.json")
     if not os.path.exists(path):
         return False
-    m = json.load(open(path))
+    m = _read_json(path)
     inputs = m.get("inputs", {})
     # manifests written before the path key existed rendered the tour path
     have = {k: dict({"path": "tour"}, **r.get("input", {})) for k, r in inputs.items()}
@@ -90,20 +105,15 @@ def _manifest_done(root: str, spec: str) -> bool:
 
 
 def _train_done(run_dir: str, steps: int) -> int | None:
-    from training.checkpoint import resolve_resume
-
     path = resolve_resume(run_dir, "latest")
     if path is None:
         return None
-    step = json.load(open(os.path.join(path, "trainstate.json")))["step"]
+    step = _read_json(os.path.join(path, "trainstate.json"))["step"]
     return step if step >= steps else None
 
 
 def run_demo(a: DemoArgs, log=print) -> str:
     """Run (or resume) every stage; returns the path of report.md."""
-    from training.config import load_config
-    from training.run_config import RunConfig
-
     out = os.path.abspath(a.out)
     data, heldout, train_dir = (os.path.join(out, d) for d in ("data", "heldout", "train"))
     train_ov = [f"run_dir={train_dir}", f"data.data={data}", f"train.cp={a.cp}", *a.overrides]
@@ -136,7 +146,7 @@ def run_demo(a: DemoArgs, log=print) -> str:
             secs = _run(stage, cmd, log)
             line = f"[{stage}] {root} in {secs:.0f} s"
             ran.add(stage)
-        m = json.load(open(os.path.join(root, "manifest.json")))
+        m = _read_json(os.path.join(root, "manifest.json"))
         summary.append(f"{line}: {m['samples']} samples, {m['frames']} frames, {len(m['shards'])} shards")
         log(summary[-1])
 
@@ -150,7 +160,7 @@ def run_demo(a: DemoArgs, log=print) -> str:
         done = _train_done(train_dir, steps)
         if done is None:
             raise RuntimeError(f"training stopped before train.steps={steps}; rerun `decmem demo` to resume it")
-        rows = [json.loads(line) for line in open(os.path.join(train_dir, "metrics.jsonl"))]
+        rows = _read_jsonl(os.path.join(train_dir, "metrics.jsonl"))
         first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
         summary.append(f"[3/6 train] {steps} steps in {secs:.0f} s (dp={a.nproc // a.cp} x cp={a.cp}), "
                        f"loss {first:.3f} -> {last:.3f}")
@@ -165,18 +175,18 @@ def run_demo(a: DemoArgs, log=print) -> str:
         runs.append(gdir)
         fj = os.path.join(gdir, "frames.json")
         fresh = "2/6 held-out" not in ran and os.path.exists(fj)
-        if fresh and json.load(open(fj))["summary"]["weights"] == os.path.abspath(weights):
+        if fresh and _read_json(fj)["summary"]["weights"] == os.path.abspath(weights):
             summary.append(f"[4/6 generate {s}] reused {gdir}")
         else:
             secs = _run(f"4/6 generate {s}", _cli("generate", "--weights", weights, "--clip", heldout, "--init-frames",
                                                   a.init_frames, "--frames", n_new, "--out", gdir, "--strategy", s), log)
-            sm = json.load(open(fj))["summary"]
+            sm = _read_json(fj)["summary"]
             summary.append(f"[4/6 generate {s}] {n_new} latents in {secs:.0f} s, "
                            f"{sm['seconds_per_latent_median']:.3f} s/latent, PSNR {sm['psnr_generated_mean']:.2f} dB")
         log(summary[-1])
 
     # 5: evaluation and the report
-    secs = _run("5/6 eval", _cli("eval", "--clip", heldout, "--runs", *runs, "--out", out), log)
+    secs = _run("5/6 score", _cli("score", "--clip", heldout, "--runs", *runs, "--out", out), log)
     shutil.copyfile(os.path.join(runs[0], "rollout.mp4"), os.path.join(out, "rollout.mp4"))
     report = os.path.join(out, "report.md")
     log(f"[5/6 eval] {report} in {secs:.0f} s")
@@ -221,7 +231,7 @@ def _minute(a: DemoArgs, out: str, weights: str, log) -> tuple[list[str], str]:
     path = os.path.join(res_dir, "eval.json")
     want = {"weights": weights, "data": data, "init_frames": a.init_frames, "frames": a.long_frames,
             "strategies": list(a.strategies), "sample_steps": a.long_steps, "frames_for": frames_for}
-    done = os.path.exists(path) and not rendered and all(json.load(open(path))["args"].get(k) == v
+    done = os.path.exists(path) and not rendered and all(_read_json(path)["args"].get(k) == v
                                                          for k, v in want.items())
     if done:
         lines.append(f"[6/6 minute eval] reused {res_dir}")
@@ -230,20 +240,17 @@ def _minute(a: DemoArgs, out: str, weights: str, log) -> tuple[list[str], str]:
         lines.append(f"[6/6 minute eval] {a.long_frames} frames after {a.init_frames}, {len(a.strategies)} "
                      f"strategies in {secs:.0f} s -> {res_dir}")
     log(lines[-1])
-    return lines, _minute_section(json.load(open(path)), a, cmd)
+    return lines, _minute_section(_read_json(path), a, cmd)
 
 
 def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
     """report.md's section on the minute-long rollout, from its eval.json."""
-    from data_pipeline.render import FPS
-    from training.evaluate import _fmt
-
     clip, summ = res["clips"][0], res["summary"]
     rev = clip["revisit"]
 
     def arrow(s: dict, key: str, spec: str) -> str:
         """'first → last' of a strategy's summary means <key>_first and <key>_last."""
-        return f"{_fmt(s[key + '_first']['mean'], spec)} → {_fmt(s[key + '_last']['mean'], spec)}"
+        return f"{fmt(s[key + '_first']['mean'], spec)} → {fmt(s[key + '_last']['mean'], spec)}"
 
     L = ["## The minute-long rollout", "",
          f"One more held-out scene (seed {a.long_seed}, never trained on, `path=revisit`): {a.init_frames} "
@@ -264,8 +271,8 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
           "| weak-key mass, first → last quarter | strong-key mass, first → last quarter |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in summ.items():
-        L.append(f"| {name} | {_fmt(s['generated_latents']['mean'], '.0f')} | {_fmt(s['psnr_revisit']['mean'], '.2f')} "
-                 f"| {_fmt(s['psnr_novel']['mean'], '.2f')} | {arrow(s, 'chunk_s', '.3g')} "
+        L.append(f"| {name} | {fmt(s['generated_latents']['mean'], '.0f')} | {fmt(s['psnr_revisit']['mean'], '.2f')} "
+                 f"| {fmt(s['psnr_novel']['mean'], '.2f')} | {arrow(s, 'chunk_s', '.3g')} "
                  f"| {arrow(s, 'dispersion_low', '.3f')} | {arrow(s, 'dispersion_high', '.3f')} |")
     L += ["", "Seconds per chunk include the read statistics of each chunk's last denoising step. Weak / strong-key "
           "mass: the memory read's attention on keys of weight < 0.02 / > 0.05 (the paper's dispersion). "
@@ -273,3 +280,56 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
           "`minute/chunk_seconds.png` the curves.", "",
           f"Command: `decmem {shlex.join(cmd[3:])}`", ""]
     return "\n".join(L)
+
+
+def cmd_demo(args) -> int:
+    a = DemoArgs(out=args.out, config=args.config, scenes=args.scenes, frames=args.frames,
+                 segment_frames=args.segment_frames, hw=args.hw, heldout_frames=args.heldout_frames,
+                 init_frames=args.init_frames, heldout_seed=args.heldout_seed, long_frames=args.long_frames,
+                 long_seed=args.long_seed, long_steps=args.long_steps, long_dense_frames=args.long_dense_frames,
+                 nproc=args.nproc, cp=args.cp, steps=args.steps, strategies=tuple(args.strategies),
+                 overrides=list(args.overrides))
+    try:
+        run_demo(a, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(str(e))
+    except subprocess.CalledProcessError as e:
+        print(f"decmem demo: a stage failed (exit {e.returncode}): {' '.join(map(str, e.cmd[3:]))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_parsers(sub) -> None:
+    dm = sub.add_parser("demo", help="the main job: render -> shards -> train (dp=1 x cp=2) -> generate -> eval",
+                        description="Chain ordinary decmem subcommands: preprocess (render MiniWorld scenes whose "
+                                    "camera paths revisit places, and one held-out scene), train (DeepSpeed ZeRO-3, 2 "
+                                    "local processes, dp=1 x cp=2), generate (one rollout per strategy along the "
+                                    "held-out clip, bank initialised from its first frames), eval (revisit PSNR/SSIM, "
+                                    "compare.mp4, revisits.png, report.md), then the minute-long rollout (one more "
+                                    "held-out scene, --long-frames generated frames per strategy with `decmem eval "
+                                    "--weights`: PSNR per frame, seconds per chunk, dispersion; a report section). "
+                                    "Each stage prints its command, so it can be rerun alone with other options; "
+                                    "finished stages are reused on a re-run.")
+    dm.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for the train stage")
+    dm.add_argument("--out", default="runs/demo", help="the demo's run directory")
+    dm.add_argument("--config", default="configs/demo.yaml")
+    dm.add_argument("--scenes", type=int, default=DemoArgs.scenes, help="training scenes to render")
+    dm.add_argument("--frames", type=int, default=96, help="frames per training scene")
+    dm.add_argument("--segment-frames", type=int, default=48, help="frames per training sample")
+    dm.add_argument("--hw", default="32x32", help="frame size HxW")
+    dm.add_argument("--heldout-frames", type=int, default=64, help="frames of the held-out clip")
+    dm.add_argument("--init-frames", type=int, default=24, help="ground-truth frames put in the bank")
+    dm.add_argument("--heldout-seed", type=int, default=DemoArgs.heldout_seed, help="render seed of the held-out scene")
+    dm.add_argument("--long-frames", type=int, default=DemoArgs.long_frames,
+                    help="minute-long rollout: frames generated after --init-frames (600 = 60 s at 10 fps)")
+    dm.add_argument("--long-seed", type=int, default=DemoArgs.long_seed,
+                    help="minute-long rollout: render seed of its held-out scene")
+    dm.add_argument("--long-steps", type=int, default=DemoArgs.long_steps,
+                    help="minute-long rollout: Euler steps per chunk")
+    dm.add_argument("--long-dense-frames", type=int, default=DemoArgs.long_dense_frames,
+                    help="minute-long rollout: frames dense generates (its chunks slow down as the bank grows)")
+    dm.add_argument("--nproc", type=int, default=2)
+    dm.add_argument("--cp", type=int, default=2)
+    dm.add_argument("--steps", type=int, default=0, help="training steps (default: the config's)")
+    dm.add_argument("--strategies", type=strategies, default=strategies("decmem,window,dense"))
+    dm.set_defaults(func=cmd_demo)

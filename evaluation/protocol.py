@@ -6,12 +6,12 @@ along the ground-truth camera path, and the decoded frames are compared with the
 
 * PSNR / SSIM per generated frame, averaged per clip and then over clips, split into *revisited* frames (at
   least ``revisit_coverage`` of their pixels show surfaces an init frame ``min_gap`` or more frames older also
-  saw, by depth + poses: :mod:`training.overlap`) and *novel* ones. Clips without depth fall back to the
-  pose rule of :func:`training.evaluate.revisit_mask`; ``eval.json`` records which rule each clip used.
+  saw, by depth + poses: :mod:`data_pipeline.overlap`) and *novel* ones. Clips without depth fall back to the
+  pose rule of :func:`evaluation.revisits.revisit_mask`; ``eval.json`` records which rule each clip used.
 * Retrieval (``decmem``, ``fov_frames``) at the last denoising step. ``relevance`` "block" (the default): a bank
   block is *relevant* to a query block when at least ``block_overlap`` of the query block's pixels, back-projected
   with the ground-truth depth, land in it with depth agreement (the bank frame shows that very surface there:
-  :func:`training.overlap.block_relevance`); recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head,
+  :func:`data_pipeline.overlap.block_relevance`); recall@k = |read ∩ relevant| / min(k, |relevant|) per (layer, head,
   query block) against that query block's own relevant set, with precision and chance (|relevant| / candidates).
   fov_frames reads one set per chunk: it is scored against every query block's set, as decmem's are. ``relevance``
   "frame" (the earlier rule): a bank block is relevant to a whole query frame when at least ``overlap`` of its
@@ -47,9 +47,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from data_pipeline.clip import iter_clip_sources
+from data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks
 from data_pipeline.storage import write_bytes_atomic
-from training.evaluate import _clean, _fmt, frame_metrics, revisit_mask
-from training.overlap import block_overlap, block_relevance, coverage, pixel_blocks
+from evaluation.figures import plot_chunk_seconds, plot_dispersion, plot_frames, plot_heatmaps
+from evaluation.generate import clip_inputs
+from evaluation.metrics import frame_metrics, lpips_fn
+from evaluation.report import fmt, json_safe
+from evaluation.revisits import revisit_mask
+from model.attention import STRATEGIES
+from model.codec import make_codec
+from model.diffusion import DiffusionArgs
+from model.rollout import rollout
+from training.visuals import retrieval_heatmap
+from training.weights import load_weights
 
 RETRIEVING = ("decmem", "fov_frames")
 ALL_STRATEGIES = ["decmem", "dense", "dense_decay", "fov_frames", "window"]   # one weights folder: every strategy
@@ -90,8 +101,6 @@ GEOMETRY = [("codec", lambda c: c.codec), ("frame size", lambda c: list(c.frame_
 
 def weights_map(spec: str) -> dict[str, str]:
     """``STRATEGY=DIR[,STRATEGY=DIR...]`` -> {strategy: DIR}; {} for one folder (which every strategy reads)."""
-    from model.attention import STRATEGIES
-
     items = [i.strip() for i in spec.split(",")]
     if not all(i.partition("=")[0].strip() in STRATEGIES and i.partition("=")[2].strip() for i in items):
         return {}
@@ -141,8 +150,6 @@ class EvalArgs:
 
     def validate(self) -> None:
         """Check the arguments; empty ``strategies`` become the weights mapping's keys (or ALL_STRATEGIES)."""
-        from model.attention import STRATEGIES
-
         for k in ("init_frames", "frames", "clips"):
             if getattr(self, k) < 1:
                 raise ValueError(f"eval: {k} must be >= 1, got {getattr(self, k)}")
@@ -187,24 +194,6 @@ class EvalArgs:
 #                                 Per clip                                      #
 #################################################################################
 
-def _lpips():
-    """(per-frame LPIPS function or None, why not). Never downloads: the AlexNet weights must be cached."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        return None, "unavailable: torchvision is not installed (LPIPS needs its AlexNet; weights are never downloaded)"
-    ckpt = os.path.join(torch.hub.get_dir(), "checkpoints", "alexnet-owt-7be5be79.pth")
-    if not os.path.isfile(ckpt):
-        return None, f"unavailable: AlexNet weights not in the local torch hub cache ({ckpt}); never downloaded"
-    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity as lp
-
-    def fn(gt, gen):
-        a = torch.from_numpy(gt).permute(0, 3, 1, 2).float() / 127.5 - 1
-        b = torch.from_numpy(gen).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return np.array([float(lp(b[i:i + 1], a[i:i + 1], net_type="alex")) for i in range(a.shape[0])])
-    return fn, f"computed (torchmetrics, AlexNet from {ckpt})"
-
-
 def _recall(sel_layers, t0: int, keep: int, n_b: int, old: int, rel: dict, budget: int) -> list[tuple]:
     """(recall, precision, chance) per (layer, selection, query, head) of one chunk with relevant blocks, plus None
     entries for queries with none.
@@ -241,8 +230,6 @@ def _recall(sel_layers, t0: int, keep: int, n_b: int, old: int, rel: dict, budge
 
 def _heat_rows(sel_layers, t0: int, keep: int, n_b: int, total: int) -> np.ndarray:
     """float [keep, total]: fraction of each query frame's valid selections landing in each bank frame."""
-    from training.visuals import retrieval_heatmap
-
     C = max(1, max(s.shape[2] for s, _ in sel_layers) // n_b) if sel_layers else 1
     mat = retrieval_heatmap([{"selected": s, "selected_valid": v} for s, v in sel_layers], C, n_b, t0)
     rows = np.zeros((keep, total))
@@ -250,12 +237,9 @@ def _heat_rows(sel_layers, t0: int, keep: int, n_b: int, total: int) -> np.ndarr
     return rows
 
 
-def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs, lpips_fn, log=print) -> dict:
+def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs, lpips, log=print) -> dict:
     """Every strategy on one clip: per-frame metrics, revisit split, dispersion, chunk seconds, retrieval recall
     and heatmaps (on the scored chunks)."""
-    from model.rollout import rollout
-    from training.generate import clip_inputs
-
     total = args.init_frames + args.frames
     any_model = next(iter(models.values()))
     latents, K, c2w, actions, _ = clip_inputs(clip, codec, any_model, total, args.device)
@@ -318,7 +302,7 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         row = {"generated_latents": n_new, "psnr": psnr, "ssim": ssim,
                "s_per_latent": float(np.median(r.seconds_per_latent())), "chunk_seconds": r.chunk_seconds,
                "dispersion_low": r.dispersion_low, "dispersion_high": r.dispersion_high, "wall_s": wall,
-               "lpips": lpips_fn(gt[:n_src], video) if lpips_fn else None}
+               "lpips": lpips(gt[:n_src], video) if lpips else None}
         if name in RETRIEVING and "depth" in clip and r.selections:
             window = model.args.attention.window
             budget = (model.args.attention.top_k if name == "decmem" else model.args.attention.fov_frames * n_b)
@@ -427,11 +411,6 @@ def check_geometry(cfgs: dict, folders: dict) -> None:
 def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     """The whole protocol; writes eval.json, eval.md and the plots (frames, dispersion, chunk seconds, retrieval
     heatmap) into ``out_dir``."""
-    from data_pipeline.clip import iter_clip_sources
-    from model.codec import make_codec
-    from model.diffusion import DiffusionArgs
-    from training.weights import load_weights
-
     args.validate()
     folders = args.weights_for()
     models, cfgs = {}, {}
@@ -443,7 +422,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     check_geometry(cfgs, folders)
     diffusions = {n: DiffusionArgs(**vars(c.diffusion)) for n, c in cfgs.items()}
     codec = make_codec(cfgs[args.strategies[0]].codec, args.device)
-    lpips_fn, lpips_status = _lpips()
+    lpips, lpips_status = lpips_fn()
     total = args.init_frames + args.frames
     clips, short = [], []
     for clip in iter_clip_sources(args.data):
@@ -451,7 +430,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
         if n_lat < total:
             short.append({"video_id": clip.get("video_id"), "latents": int(n_lat)})
             continue
-        clips.append(eval_clip(clip, models, diffusions, codec, args, lpips_fn, log))
+        clips.append(eval_clip(clip, models, diffusions, codec, args, lpips, log))
         if len(clips) >= args.clips:
             break
     if not clips:
@@ -463,7 +442,6 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(os.path.abspath(out_dir), k) for k in (
         "eval.json", "eval.md", "frames.png", "dispersion.png", "chunk_seconds.png", "retrieval_heatmap.png")}
-    from training.eval_plots import plot_chunk_seconds, plot_dispersion, plot_frames, plot_heatmaps
 
     smooth = plot_frames(paths["frames.png"], clips, args.strategies)
     plot_dispersion(paths["dispersion.png"], clips, args.strategies)
@@ -472,7 +450,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
     heat = plot_heatmaps(paths["retrieval_heatmap.png"], clips[0], args.strategies, relevance["true_overlap"])
     if not heat:
         paths.pop("retrieval_heatmap.png")
-    result = _clean({
+    result = json_safe({
         "args": asdict(args), "weights": folders, "codec": cfgs[args.strategies[0]].codec,
         "sample_steps": {n: d.sample_steps for n, d in diffusions.items()},
         "attention": {n: vars(m.args.attention) for n, m in models.items()}, "frames_smoothing": smooth,
@@ -490,7 +468,7 @@ def run_eval(args: EvalArgs, out_dir: str, log=print) -> dict:
 
 def _arrow(s: dict, key: str, spec: str) -> str:
     """'first → last' of a summary's <key>_first / <key>_last means."""
-    return f"{_fmt(s[key + '_first']['mean'], spec)} → {_fmt(s[key + '_last']['mean'], spec)}"
+    return f"{fmt(s[key + '_first']['mean'], spec)} → {fmt(s[key + '_last']['mean'], spec)}"
 
 
 def report(res: dict) -> str:
@@ -537,9 +515,9 @@ def report(res: dict) -> str:
           "| strategy | latents generated | weak-key mass, first → last quarter | strong-key mass, first → last "
           "quarter | s / chunk, first → last 10% | ratio |", "|---|---:|---:|---:|---:|---:|"]
     for name, s in res["summary"].items():
-        L.append(f"| {name} | {_fmt(s['generated_latents']['mean'], '.0f')} | {_arrow(s, 'dispersion_low', '.4f')} | "
+        L.append(f"| {name} | {fmt(s['generated_latents']['mean'], '.0f')} | {_arrow(s, 'dispersion_low', '.4f')} | "
                  f"{_arrow(s, 'dispersion_high', '.4f')} | {_arrow(s, 'chunk_s', '.4g')} | "
-                 f"{_fmt(s['chunk_s_ratio']['mean'], '.3f')} |")
+                 f"{fmt(s['chunk_s_ratio']['mean'], '.3f')} |")
     L.append("")
     for title, key, spec in METRICS:
         if key == "lpips_all" and not any(s[key]["clips"] for s in res["summary"].values()):
@@ -550,9 +528,9 @@ def report(res: dict) -> str:
             m = s.get(key, {"mean": None, "std": None, "clips": 0})
             if key in ("recall", "precision") and name not in RETRIEVING:
                 continue
-            L.append(f"| {name} | {_fmt(m['mean'], spec)} | {_fmt(m['std'], spec)} | {m['clips']} |")
+            L.append(f"| {name} | {fmt(m['mean'], spec)} | {fmt(m['std'], spec)} | {m['clips']} |")
         if key == "recall":
-            ch = ", ".join(f"{n} {_fmt(res['summary'][n]['chance']['mean'], '.3f')}" for n in res["summary"]
+            ch = ", ".join(f"{n} {fmt(res['summary'][n]['chance']['mean'], '.3f')}" for n in res["summary"]
                            if n in RETRIEVING)
             L += ["", f"Chance (|relevant| / candidate blocks): {ch}"]
         L.append("")

@@ -1,25 +1,21 @@
 """``decmem generate``: roll a trained model out along a clip's camera path and write videos + timings."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_pipeline.clip import load_clip_source
 from data_pipeline.video import side_by_side, write_mp4
+from evaluation.metrics import psnr
+from evaluation.report import write_json
 from model.camera import clip_cameras
 from model.codec import make_codec
 from model.rollout import rollout
 from training.weights import load_weights
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of uint8 images, capped at 100 dB (identical images) so it stays valid JSON."""
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return 100.0 if mse <= 255.0 ** 2 * 1e-10 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def clip_inputs(clip: dict, codec, model, total: int, device="cpu"):
@@ -61,8 +57,6 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=frames, unit="latent", desc=f"generate [{model.args.attention.strategy}]")
 
     def on_chunk(done, _total, res):
@@ -109,8 +103,7 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
         "psnr_generated_mean": float(np.mean([r["psnr"] for r in records if r["kind"] == "generated" and "psnr" in r]
                                              or [float("nan")])),
     }
-    with open(os.path.join(out_dir, "frames.json"), "w") as f:
-        json.dump({"summary": summary, "frames": records}, f, indent=1)
+    write_json(os.path.join(out_dir, "frames.json"), {"summary": summary, "frames": records})   # atomic, no NaN
     if save_bank:
         res.bank.save(save_bank)
     return summary

@@ -2,12 +2,9 @@
 
 Each worker builds the same tiny model and batch, computes the single-process
 reference on its own, then the context-parallel result with its group, and
-raises if they differ. Used by tests/test_context_parallel.py and ``decmem bench cp``.
+raises if they differ. Used by tests/test_context_parallel.py.
 """
 from __future__ import annotations
-
-import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -16,12 +13,7 @@ from model.attention import AttentionArgs
 from model.diffusion import DiffusionArgs, rectified_flow_loss
 from model.dit import ModelArgs, VideoDiT
 from training.context_parallel import CPMemory, Layout, build_groups
-
-
-def init(rank: int, world: int, port: int) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))   # a mismatched collective fails, never hangs
+from training.distributed import init_loopback_group as init
 
 
 def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera="plucker", top_k=3, window=3, seed=0,

@@ -10,13 +10,20 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
+import torch
+
+from data_pipeline.loader import DataArgs, ShardLoader
+from data_pipeline.preprocess import PreprocessArgs, preprocess
+from data_pipeline.sources import get_source
+from model.diffusion import rectified_flow_loss
+from model.dit import VideoDiT
+
 
 def _loader_rate(data: str, clip_frames: int, chunk_frames: int, n: int, warmup: int = 4) -> float:
-    from data_pipeline.loader import DataArgs, ShardLoader
-
     loader = ShardLoader(DataArgs(data=data, clip_frames=clip_frames, batch_size=1, prefetch=8), chunk_frames)
     for _ in range(warmup):
         loader.next_batch()
@@ -30,11 +37,6 @@ def _loader_rate(data: str, clip_frames: int, chunk_frames: int, n: int, warmup:
 
 def _trainer_rate(cfg, hw, clip_frames: int, steps: int = 3) -> float:
     """Samples per second one optimizer step of the configured model consumes (batch 1, one target chunk)."""
-    import torch
-
-    from model.diffusion import rectified_flow_loss
-    from model.dit import VideoDiT
-
     torch.manual_seed(0)
     model = VideoDiT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -54,16 +56,28 @@ def _trainer_rate(cfg, hw, clip_frames: int, steps: int = 3) -> float:
     return 1.0 / (sum(times) / len(times))
 
 
+def _loopback_s3(bucket: str):
+    """devtools.s3_local.loopback_s3 from the checkout this package runs from: a helper for tests and benchmarks,
+    not installed with the package (it also needs moto, from the dev extra)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "devtools", "s3_local.py")) and root not in sys.path:
+        sys.path.append(root)
+    try:
+        # imported here: devtools/ exists only in a source checkout, and moto only with the dev extra
+        from devtools.s3_local import loopback_s3
+    except ImportError as e:
+        raise ValueError(f"decmem bench data needs a source checkout (devtools/) and pip install -e '.[dev]' for the "
+                         f"S3 server on loopback ({e})") from None
+    return loopback_s3(bucket)
+
+
 def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=None, log=print,
                    fmt: str = "synthetic") -> list[dict]:
-    from data_pipeline.preprocess import PreprocessArgs, preprocess
-
     tmp = tempfile.mkdtemp(prefix="decmem-bench-data-")
     rows = []
     try:
         # 1. preprocessing, per worker, deterministic (default) and fast x264; a warm-up render first so
         #    neither pays the renderer's one-off start-up (EGL context, textures: seconds)
-        from data_pipeline.sources import get_source
 
         src = get_source(fmt)
         src.read(src.find_inputs(spec)[0])
@@ -78,9 +92,7 @@ def run_data_bench(cfg, spec: str, clip_frames: int, samples: int, json_path=Non
         local = os.path.join(tmp, "local-1")
         hw = tuple(int(x) for x in dict(kv.split("=") for kv in spec.split(","))["hw"].split("x"))
         # 2-3. loader from local disk and from S3 on loopback, alternated 3 times (this VM is noisy): medians
-        from data_pipeline.s3_local import loopback_s3
-
-        with loopback_s3("decmem-bench"):
+        with _loopback_s3("decmem-bench"):
             import s3fs
 
             s3fs.S3FileSystem().put(local, "decmem-bench/ds", recursive=True)

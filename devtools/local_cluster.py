@@ -1,8 +1,8 @@
 """A real one-node SLURM on localhost (Debian's slurmctld + slurmd + munge), for tests and CI.
 
-    python -m slurm.local_cluster start DIR     # write DIR/slurm.conf, start munged, slurmctld, slurmd; wait idle
-    python -m slurm.local_cluster stop DIR      # stop them by the PIDs in DIR
-    eval $(python -m slurm.local_cluster env DIR)   # export SLURM_CONF for sinfo / sbatch / submitit
+    python -m devtools.local_cluster start DIR     # write DIR/slurm.conf, start munged, slurmctld, slurmd; wait idle
+    python -m devtools.local_cluster stop DIR      # stop them by the PIDs in DIR
+    eval $(python -m devtools.local_cluster env DIR)   # export SLURM_CONF for sinfo / sbatch / submitit
 
 No accounting daemon: ``sacct`` does not exist here, so code that waits on a job
 polls ``squeue`` / ``scontrol`` with a deadline (slurm/jobs.py) instead of

@@ -36,47 +36,22 @@ import tempfile
 import threading
 import time
 
+import torch
+
+from bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_json, write_rows
+from model.camera import relative_poses
+from model.diffusion import rectified_flow_loss
+from model.dit import VideoDiT
+from training.config import dump_config
+from training.optim import build_optimizer
+from training.trainer import apply_activation_checkpointing
+
 OVER_BUDGET_EXIT = 3          # child exit code: the watchdog saw the step's working set exceed the budget
 
 
 #################################################################################
 #                              Memory measurement                               #
 #################################################################################
-
-def _status_kb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm / 1024.0
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0              # Linux: KiB
-
 
 class _Watchdog:
     """Polls the RSS; once it exceeds base + budget, writes a partial result and exits the process."""
@@ -96,19 +71,12 @@ class _Watchdog:
 
     def _run(self):
         while not self._stop.wait(self.period):
-            used = _current_rss_mb() - self.base
+            used = current_rss_mb() - self.base
             if used > self.budget:
-                row = dict(self.row, status="over_budget", step_rss_mb=max(used, _peak_rss_mb() - self.base),
-                           peak_rss_mb=_peak_rss_mb())
-                _write_json(self.out_path, row)
+                row = dict(self.row, status="over_budget", step_rss_mb=max(used, peak_rss_mb() - self.base),
+                           peak_rss_mb=peak_rss_mb())
+                write_json(self.out_path, row)
                 os._exit(OVER_BUDGET_EXIT)
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 #################################################################################
@@ -117,14 +85,6 @@ def _write_json(path, obj):
 
 def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> None:
     """Runs in a fresh process: build, warm up, time full training steps, write the row to out_path."""
-    import torch
-
-    from model.camera import relative_poses
-    from model.diffusion import rectified_flow_loss
-    from model.dit import VideoDiT
-    from training.bench_attention import orbit_cameras
-    from training.optim import build_optimizer
-
     bg = cfg.bench_generate
     threads = opts.get("threads") or bg.threads or getattr(getattr(cfg, "train", None), "threads", 0)
     if threads:
@@ -133,7 +93,6 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
     args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
     model = VideoDiT(args).train()
     if cfg.train.activation_checkpointing:        # the trainer's own wrapping (what train.activation_checkpointing does)
-        from training.trainer import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
     opt = build_optimizer(model, cfg.optim)
@@ -159,8 +118,8 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         opt.step()
         return loss, stats
 
-    rss_before = _current_rss_mb()
-    _reset_peak_rss()
+    rss_before = current_rss_mb()
+    reset_peak_rss()
     budget = opts.get("budget_mb")
     times, stats, loss = [], {}, None
     watchdog = _Watchdog(rss_before, budget, out_path, dict(row, rss_before_mb=rss_before)) if budget else None
@@ -175,7 +134,7 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
     finally:
         if watchdog:
             watchdog.__exit__()
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     step_s = statistics.median(times)
     row.update({
         "status": "ok" if not budget or peak - rss_before <= budget else "over_budget",
@@ -189,7 +148,7 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         "block_size": args.attention.block_size, "top_k": args.attention.top_k, "window": args.attention.window,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     })
-    _write_json(out_path, row)
+    write_json(out_path, row)
 
 
 def run_point(cfg, strategy: str, bank_frames: int, steps: int = 3, warmup: int = 1, batch: int = 1,
@@ -301,7 +260,8 @@ def run_train_bench(cfg, strategies, bank_frames, json_path=None, log=print, mem
             rows.append(row)
             measured[(s, L)] = row
             log(_point_line(row))
-    _add_ratios(rows)
+    add_ratio(rows, "tokens_per_s", "vs_dense", "dense", over_baseline=True,
+              keep=lambda r: r.get("kind") == "point" and r.get("status") == "ok")
 
     if search:
         start = search_start or max(1, min([L for L in bank_frames if L > 0], default=16))
@@ -332,7 +292,6 @@ def run_train_bench(cfg, strategies, bank_frames, json_path=None, log=print, mem
         if summary:
             log(summary)
 
-    from training.bench_attention import write_rows
 
     write_rows(json_path, rows)
     return rows
@@ -341,14 +300,6 @@ def run_train_bench(cfg, strategies, bank_frames, json_path=None, log=print, mem
 def _fits(row: dict, budget_mb: float) -> bool:
     """A point fits when it ran to the end and its step working set stayed within the budget."""
     return row.get("status") == "ok" and row["step_rss_mb"] <= budget_mb
-
-
-def _add_ratios(rows):
-    dense = {r["bank_frames"]: r["tokens_per_s"] for r in rows
-             if r.get("kind") == "point" and r["strategy"] == "dense" and r.get("status") == "ok"}
-    for r in rows:
-        if r.get("status") == "ok" and r["bank_frames"] in dense:
-            r["vs_dense"] = r["tokens_per_s"] / dense[r["bank_frames"]]
 
 
 def _longest_str(fit) -> str:
@@ -444,8 +395,6 @@ def _fit_line(f) -> str:
 def cli_main(cfg, args, log=print) -> int:
     """``decmem bench train``: args has strategies, bank_frames, json, memory_gb, no_search, steps, warmup,
     cap, timeout; dumps the resolved config next to the JSON, prints the table and the summary."""
-    from training.config import dump_config
-
     if args.json:
         dump_config(cfg, os.path.splitext(args.json)[0] + ".config.yaml")   # the resolved config behind the rows
     rows = run_train_bench(cfg, args.strategies, args.bank_frames, args.json, log, memory_budget_gb=args.memory_gb,

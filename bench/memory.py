@@ -25,50 +25,19 @@ import math
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
+from bench.common import write_rows
+from bench.figures import figure, line_plot, save_figure
+from bench.targets import target
+from model.diffusion import DiffusionArgs, rectified_flow_loss
+from model.dit import VideoDiT
+from training.config import config_from_dict, to_dict
+from training.run_config import MemoryProbeArgs, RunConfig
+
 PROBE_SEED = 0x9E0B               # the probe's data stream: the same for every run
 EVAL_SEED = 0xE7A1                # the held-out set
-
-
-@dataclass
-class MemoryProbeArgs:
-    """The exact-revisit probe: task geometry, training length and evaluation."""
-
-    bank_frames: int = 12            # F: textured frames in the bank, one camera each
-    yaw_deg: float = 30.0            # yaw between consecutive bank cameras
-    pitch_levels: int = 1            # rings of cameras at different pitch, for banks longer than one turn of yaw
-    pitch_deg: float = 15.0          # pitch between rings
-    fov_deg: float = 60.0            # horizontal and vertical field of view
-    latent_h: int = 16               # frame size (pixels codec: 3 channels)
-    latent_w: int = 16
-    texture_cells: int = 4           # smoothness: textures are bicubic upsamplings of cells x cells noise
-    steps: int = 1000                # training steps per run
-    batch: int = 1                   # samples per step
-    lr: float = 1e-3                 # AdamW, constant after warmup
-    warmup: int = 20
-    weight_decay: float = 0.0
-    eval_every: int = 100
-    eval_samples: int = 16
-    taus: tuple = (0.3, 0.6, 0.9)    # τ at which held-out velocity loss is reported (recall at the largest)
-    seeds: int = 1                   # repeats of every run (model init and data stream seed + i; same held-out set)
-    threads: int = 0                 # torch threads per run process (0: cores / jobs)
-
-    def __post_init__(self):
-        for key in ("bank_frames", "latent_h", "latent_w", "texture_cells", "steps", "batch", "eval_every",
-                    "eval_samples", "seeds"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)!r}")
-        ring = round(360 / self.yaw_deg) if self.yaw_deg > 0 else 1
-        if self.bank_frames > ring * self.pitch_levels:
-            raise ValueError(f"bank_frames={self.bank_frames}: only {ring} x {self.pitch_levels} distinct cameras with "
-                             f"yaw_deg={self.yaw_deg:g} and pitch_levels={self.pitch_levels}; two bank frames with one "
-                             "camera would make the source ambiguous (raise pitch_levels)")
-        if not self.taus or not all(0 < t < 1 for t in self.taus):
-            raise ValueError(f"taus: expected values in (0, 1), got {self.taus!r}")
-        self.taus = tuple(float(t) for t in self.taus)
 
 
 #################################################################################
@@ -172,11 +141,6 @@ def train_run(cfg_dict: dict, name: str, strategy: str, overrides: list[str], th
 
     ``seed`` shifts the model's initialisation and the training stream; the held-out set stays the same.
     """
-    from model.diffusion import DiffusionArgs, rectified_flow_loss
-    from model.dit import VideoDiT
-    from training.config import config_from_dict
-    from training.run_config import RunConfig
-
     cfg = config_from_dict(RunConfig, cfg_dict, [f"model.attention.strategy={strategy}", *overrides])
     p = cfg.bench_memory
     if threads:
@@ -236,9 +200,6 @@ def _worker(args):
 def run_memory_bench(cfg, runs: list[tuple[str, str, list[str]]], json_path: str | None = None, jobs: int = 1,
                      log=print) -> list[dict]:
     """Every run (name, strategy, overrides), ``jobs`` at a time in spawned processes; rows of every evaluation."""
-    from training.bench_attention import write_rows
-    from training.config import to_dict
-
     p = cfg.bench_memory
     threads = p.threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     progress = (os.path.splitext(json_path)[0] + ".progress.jsonl") if json_path else None
@@ -375,8 +336,6 @@ def ablation_table(rows: list[dict], baseline: str = "window", factor: float = 0
 
 def plot_memory(rows: list[dict], path: str) -> None:
     """Left: held-out loss at the largest τ vs step per run. Right: recall@k vs step, chance dashed."""
-    from training.plots import figure, line_plot, save_figure
-
     rows = seed_means(rows)
     tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau") and k[-4:] not in ("_min", "_max"))
     key = f"loss_tau{tau:g}"
@@ -404,8 +363,6 @@ def targets_memory(rows: list[dict], run: str = "decmem", baseline: str = "windo
                    within: int = 500) -> list[dict]:
     """decmem's held-out loss at the largest τ (mean over seeds) < factor x window's (same step) within ``within``
     steps."""
-    from training.plots import target
-
     out = []
     rows = seed_means(rows)
     tau = max(float(k[len("loss_tau"):]) for k in rows[0]

@@ -10,33 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
-import resource
 import statistics
 import time
 
+import torch
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0               # Linux: KiB
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_rows
+from model.camera import relative_poses
+from model.diffusion import DiffusionArgs
+from model.dit import VideoDiT
+from model.rollout import rollout
+from training.config import config_from_dict, to_dict
+from training.run_config import RunConfig
 
 
 def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
     """Runs in a child process: build, fill the bank, time chunks."""
-    import torch
-
-    from model.camera import relative_poses
-    from model.diffusion import DiffusionArgs
-    from model.dit import VideoDiT
-    from model.rollout import rollout
-    from training.bench_attention import orbit_cameras
-    from training.config import config_from_dict
-    from training.run_config import RunConfig
-
     cfg = config_from_dict(RunConfig, cfg_dict)
     b = cfg.bench_generate
     if b.threads:
@@ -55,7 +44,8 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
     init = torch.randn(1, bank_frames, args.latent_channels, h, w, generator=g).to(dev, dtype)
     with torch.no_grad():
         bank = model.encode_memory(init, K[:, :bank_frames], c2w[:, :bank_frames])
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
+    reset_peak_rss()                                 # the peak column: this strategy's timed rollout, not the bank fill
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     diff = DiffusionArgs(sample_steps=b.sample_steps)
@@ -67,7 +57,7 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
         "bank_tokens": bank_frames * model.layout(h, w).tokens,
         "attended_tokens": res.attended_tokens[-1], "sec_per_latent": statistics.median(per_chunk),
         "sec_per_latent_min": min(per_chunk), "chunks_timed": len(per_chunk),
-        "peak_rss_mb": _rss_mb(), "rss_before_generation_mb": rss_before,
+        "peak_rss_mb": peak_rss_mb(), "rss_before_generation_mb": rss_before,
         "model_size": args.size, "dim": args.dim, "depth": args.depth, "chunk_frames": C,
         "sample_steps": b.sample_steps, "latent_hw": [h, w], "threads": torch.get_num_threads(),
         "torch": torch.__version__, "device": str(dev), "dtype": b.dtype,
@@ -77,8 +67,6 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
 
 
 def run_generate_bench(cfg, strategies, bank_frames, json_path=None, log=print):
-    from training.config import to_dict
-
     ctx = mp.get_context("spawn")
     rows = []
     for T in bank_frames:
@@ -89,12 +77,7 @@ def run_generate_bench(cfg, strategies, bank_frames, json_path=None, log=print):
             rows.append(row)
             log(f"{s:>8}  bank {T:>4} latents  {row['sec_per_latent'] * 1e3:9.1f} ms/latent  "
                 f"peak {row['peak_rss_mb']:7.0f} MB  ({time.perf_counter() - t0:.0f} s)")
-    base = {r["bank_frames"]: r["sec_per_latent"] for r in rows if r["strategy"] == "decmem"}
-    for r in rows:
-        if r["bank_frames"] in base:
-            r["vs_decmem"] = r["sec_per_latent"] / base[r["bank_frames"]]
-    from training.bench_attention import write_rows
-
+    add_ratio(rows, "sec_per_latent", "vs_decmem", "decmem", over_baseline=True)
     write_rows(json_path, rows)
     return rows
 

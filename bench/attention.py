@@ -7,37 +7,17 @@ machine (recorded in the output).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import platform
 import statistics
 import time
 
 import torch
 
+from bench.common import add_ratio, orbit_cameras, sync, write_rows
 from model.attention import DecMemAttention
 from model.blocks import BlockLayout, pool_blocks
 from model.kernels import resolve_backend
 from model.memory import BankLayer
 from model.retrieval import select_fov_frames
-
-
-def orbit_cameras(n: int, hw: tuple[int, int], radius: float = 2.0, turns: float = 1.5):
-    """A camera circling a point and looking at it: K [1, n, 3, 3], c2w [1, n, 4, 4] (OpenCV axes)."""
-    H, W = hw
-    K = torch.tensor([[0.8 * W, 0, W / 2], [0, 0.8 * W, H / 2], [0, 0, 1.0]]).expand(1, n, 3, 3).clone()
-    c2w = torch.eye(4).repeat(1, n, 1, 1)
-    for i in range(n):
-        a = 2 * math.pi * turns * i / max(1, n)
-        pos = torch.tensor([radius * math.sin(a), 0.0, -radius * math.cos(a)])
-        fwd = -pos / pos.norm()                                   # look at the origin
-        right = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]), fwd)   # y is down in OpenCV
-        right = right / right.norm()
-        down = torch.linalg.cross(fwd, right)
-        c2w[0, i, :3, :3] = torch.stack([right, down, fwd], dim=1)
-        c2w[0, i, :3, 3] = pos
-    return K, c2w
 
 
 def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print):
@@ -76,10 +56,10 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
             times = []
             with torch.set_grad_enabled(b.backward):
                 for i in range(b.warmup + b.repeats):
-                    _sync(dev)
+                    sync(dev)
                     t0 = time.perf_counter()
                     stats = step()
-                    _sync(dev)
+                    sync(dev)
                     if i >= b.warmup:
                         times.append((time.perf_counter() - t0) * 1e3)
             rows.append({
@@ -91,20 +71,9 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
                 "backward": b.backward, "threads": torch.get_num_threads(),
             })
             log(_row_line(rows[-1]))
-    _add_ratios(rows)
+    add_ratio(rows, "median_ms", "speedup_vs_dense", "dense", over_baseline=False)
     write_rows(json_path, rows)
     return rows
-
-
-def write_rows(json_path: str | None, rows: list[dict], **extra) -> None:
-    """Every benchmark's JSON: its rows, each stamped with the machine (and ``extra``) it was measured on."""
-    if not json_path:
-        return
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch": torch.__version__}
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump([dict(r, machine=machine, **extra) for r in rows], f, indent=1)
 
 
 def format_table(rows) -> str:
@@ -118,18 +87,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _add_ratios(rows):
-    dense = {r["bank_frames"]: r["median_ms"] for r in rows if r["strategy"] == "dense"}
-    for r in rows:
-        if r["bank_frames"] in dense:
-            r["speedup_vs_dense"] = dense[r["bank_frames"]] / r["median_ms"]
-
-
 def _row_line(r):
     return (f"{r['strategy']:>12}  bank {r['bank_frames']:>4} frames  attended {r['attended_tokens']:>7}  "
             f"median {r['median_ms']:8.2f} ms")
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)

@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.common import orbit_cameras
+from model.dit import VideoDiT
+from training.config import config_from_dict, to_dict
+from training.context_parallel import CPMemory, Layout, build_groups
+from training.distributed import free_port, init_loopback_group
+from training.run_config import RunConfig
+
 
 def _worker(rank, world, port, cfg_dict, T, out_path):
-    from model.dit import VideoDiT
-    from training.bench_attention import orbit_cameras
-    from training.config import config_from_dict
-    from training.context_parallel import CPMemory, Layout, build_groups
-    from training.cp_check import init
-    from training.run_config import RunConfig
-
-    init(rank, world, port)
+    init_loopback_group(rank, world, port)
     try:
         cfg = config_from_dict(RunConfig, cfg_dict)
         torch.manual_seed(0)
@@ -63,8 +62,6 @@ def _worker(rank, world, port, cfg_dict, T, out_path):
 
 
 def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):
-    from training.config import to_dict
-
     results = []
     depth = cfg.model.depth
     base_mem = {}
@@ -74,13 +71,11 @@ def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):
                 rows = [{"rank": 0, "frames": T, "bank_bytes": _single_bank_bytes(cfg, T), "owned_selected": 1,
                          "query_bytes": {}, "memory_bytes": {}, "kv_allgather_bytes_per_layer": 0}]
             else:
-                with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    port = sock.getsockname()[1]
-                    sock.close()
+                with tempfile.TemporaryDirectory() as tmp:
                     out = os.path.join(tmp, "rows.json")
-                    mp.spawn(_worker, args=(cp, port, to_dict(cfg), T, out), nprocs=cp, join=True)
-                    rows = json.load(open(out))
+                    mp.spawn(_worker, args=(cp, free_port(), to_dict(cfg), T, out), nprocs=cp, join=True)
+                    with open(out) as f:
+                        rows = json.load(f)
             q_bytes = max(sum(r["query_bytes"].values()) for r in rows) / depth
             m_bytes = max(sum(r["memory_bytes"].values()) for r in rows) / depth
             kv = rows[0]["kv_allgather_bytes_per_layer"]
@@ -107,9 +102,6 @@ def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):
 
 
 def _single_bank_bytes(cfg, T):
-    from model.dit import VideoDiT
-    from training.bench_attention import orbit_cameras
-
     torch.manual_seed(0)
     model = VideoDiT(cfg.model).eval()
     b = cfg.bench_generate

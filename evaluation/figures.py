@@ -5,15 +5,14 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 LONG_FRAMES = 64        # frames.png: longer rollouts get the smoothed PSNR-only view
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
     """A matplotlib Figure drawn off-screen (Agg): no display, no global pyplot state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False)

@@ -18,8 +18,13 @@ import os
 import platform
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
+from data_pipeline import clip as clipmod
 from data_pipeline.storage import write_bytes_atomic
+from data_pipeline.video import frame_strip, read_mp4, side_by_side, write_mp4, write_png
+from evaluation.metrics import frame_metrics
+from evaluation.report import fmt, json_safe
 
 TABLE_HEADER = ("| strategy | revisit frames | revisit PSNR (dB) | revisit SSIM | all generated PSNR (dB) "
                 "| all generated SSIM | s / latent |")
@@ -55,28 +60,6 @@ def revisit_mask(c2w: np.ndarray, init_frames: int, pos_tol: float, angle_tol_de
     return mask
 
 
-def frame_metrics(gt: np.ndarray, gen: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame (psnr [N] dB on 0..255, capped at 100 for identical frames; ssim [N], torchmetrics' gaussian
-    11/1.5 SSIM with data_range 255, averaged over RGB) of uint8 [N,H,W,3] frames."""
-    import torch
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    gt, gen = np.asarray(gt), np.asarray(gen)
-    if gt.shape != gen.shape or gt.ndim != 4 or gt.shape[-1] != 3:
-        raise ValueError(f"frame_metrics: expected two uint8 [N,H,W,3] arrays of one shape, "
-                         f"got {gt.shape} and {gen.shape}")
-    n = gt.shape[0]
-    mse = ((gt.astype(np.float64) - gen.astype(np.float64)) ** 2).reshape(n, -1).mean(axis=1)     # [N]
-    with np.errstate(divide="ignore"):
-        psnr = np.where(mse <= 255.0 ** 2 * 1e-10, 100.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-300)))
-    ssim = np.empty(n, dtype=np.float64)
-    for s in range(0, n, batch):
-        a = torch.from_numpy(gt[s:s + batch]).permute(0, 3, 1, 2).double()         # [b, 3, H, W]
-        b = torch.from_numpy(gen[s:s + batch]).permute(0, 3, 1, 2).double()
-        ssim[s:s + batch] = structural_similarity_index_measure(b, a, data_range=255.0, reduction="none").numpy()
-    return psnr.astype(np.float64), ssim
-
-
 def _mean(x) -> float | None:
     x = np.asarray(x, dtype=np.float64)
     return float(x.mean()) if x.size else None
@@ -84,8 +67,6 @@ def _mean(x) -> float | None:
 
 def _load_run(run_dir: str) -> dict:
     """frames.json + decoded rollout.mp4 of one ``decmem generate`` output folder."""
-    from data_pipeline.video import read_mp4
-
     fj = os.path.join(run_dir, "frames.json")
     if not os.path.isfile(fj):
         raise ValueError(f"{run_dir}: no frames.json (expected a `decmem generate` output folder)")
@@ -118,10 +99,6 @@ def _labels(runs: list[dict]) -> list[str]:
 
 def _strip_image(rows: list[np.ndarray], labels: list[str], gap: int = GAP) -> np.ndarray:
     """Stack uint8 [n, H, W, 3] rows (one per source) into one image, with a text label column on the left."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from data_pipeline.video import frame_strip
-
     strips = [frame_strip(r, range(r.shape[0]), gap=gap) for r in rows]          # each [H, n*W+(n-1)*gap, 3]
     h, w = strips[0].shape[:2]
     font = ImageFont.load_default()
@@ -137,34 +114,10 @@ def _strip_image(rows: list[np.ndarray], labels: list[str], gap: int = GAP) -> n
     return np.asarray(canvas)
 
 
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
-def _clean(x):
-    """JSON-safe copy: numpy -> Python, non-finite floats -> None."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
 def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float = 0.25, angle_tol_deg: float = 20.0,
              log=print, min_gap: int = 8) -> dict:
     """Score ``decmem generate`` run folders against ``clip_spec``'s ground truth; write compare.mp4,
     revisits.png, eval.json and report.md into ``out_dir``; return the eval.json dict (``rows``, ``paths``...)."""
-    from data_pipeline import clip as clipmod
-    from data_pipeline.video import side_by_side, write_mp4, write_png
-
     if not run_dirs:
         raise ValueError("evaluate: give at least one run folder")
     if pos_tol < 0 or angle_tol_deg < 0:
@@ -218,8 +171,8 @@ def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float =
             "init_latents": s.get("init_frames"), "generated_latents": s.get("generated_latents"),
             "psnr": psnr, "ssim": ssim,
         })
-        log(f"eval: {label}: revisit PSNR {_fmt(rows[-1]['revisit_psnr'], '.2f')} dB, "
-            f"all generated PSNR {_fmt(rows[-1]['generated_psnr'], '.2f')} dB")
+        log(f"eval: {label}: revisit PSNR {fmt(rows[-1]['revisit_psnr'], '.2f')} dB, "
+            f"all generated PSNR {fmt(rows[-1]['generated_psnr'], '.2f')} dB")
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(os.path.abspath(out_dir), k) for k in ("compare.mp4", "revisits.png", "eval.json",
@@ -244,7 +197,7 @@ def evaluate(clip_spec: str, run_dirs: list[str], out_dir: str, pos_tol: float =
         "compare_panels": ["ground truth"] + labels, "rows": rows, "paths": paths,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
     }
-    result = _clean(result)
+    result = json_safe(result)
     write_bytes_atomic(paths["eval.json"], json.dumps(result, indent=1).encode())
     with open(paths["report.md"], "w") as f:
         f.write(_report(result))
@@ -265,9 +218,9 @@ def _report(res: dict) -> str:
          "rollout.mp4 frame with the clip's frame; means over the revisit frames and over all generated frames",
          "", TABLE_HEADER, "|" + "---|" * len(TABLE_KEYS)]
     for r in res["rows"]:
-        L.append(f"| {r['label']} | {r['revisit_frames']} | {_fmt(r['revisit_psnr'], '.2f')} | "
-                 f"{_fmt(r['revisit_ssim'], '.4f')} | {_fmt(r['generated_psnr'], '.2f')} | "
-                 f"{_fmt(r['generated_ssim'], '.4f')} | {_fmt(r['seconds_per_latent_median'], '.4g')} |")
+        L.append(f"| {r['label']} | {r['revisit_frames']} | {fmt(r['revisit_psnr'], '.2f')} | "
+                 f"{fmt(r['revisit_ssim'], '.4f')} | {fmt(r['generated_psnr'], '.2f')} | "
+                 f"{fmt(r['generated_ssim'], '.4f')} | {fmt(r['seconds_per_latent_median'], '.4g')} |")
     L += ["", "## Runs", ""]
     for r in res["rows"]:
         att = r["attended_tokens_mean"]

@@ -8,7 +8,7 @@ socket open (clients hang instead of being refused) and keep-alive connections
 keep being served; ``LoopbackS3.stop()`` closes the port and resets every open
 connection, as a crashed or restarted endpoint does.
 
-``python -m data_pipeline.s3_local [--port N]`` runs one in its own process and
+``python -m devtools.s3_local [--port N]`` runs one in its own process and
 obeys ``stop`` / ``start`` / ``quit`` lines on stdin (answering ``ok ...``), so a
 test can take the endpoint down and up again from outside the client process.
 """
