@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from bench.common import add_ratio, orbit_cameras, sync, write_rows
-from model.attention import DecMemAttention
-from model.blocks import BlockLayout, pool_blocks
-from model.kernels import resolve_backend
-from model.memory import BankLayer
-from model.retrieval import select_fov_frames
+from decmem.bench.common import add_ratio, orbit_cameras, sync, write_rows
+from decmem.model.attention import DecMemAttention
+from decmem.model.blocks import BlockLayout, pool_blocks
+from decmem.model.kernels import resolve_backend
+from decmem.model.memory import BankLayer
+from decmem.model.retrieval import select_fov_frames
 
 
 def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print):

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import orbit_cameras
-from model.dit import VideoDiT
-from training.config import config_from_dict, to_dict
-from training.context_parallel import CPMemory, Layout, build_groups
-from training.distributed import free_port, init_loopback_group
-from training.run_config import RunConfig
+from decmem.bench.common import orbit_cameras
+from decmem.model.dit import VideoDiT
+from decmem.training.config import config_from_dict, to_dict
+from decmem.training.context_parallel import CPMemory, Layout, build_groups
+from decmem.training.distributed import free_port, init_loopback_group
+from decmem.training.run_config import RunConfig
 
 
 def _worker(rank, world, port, cfg_dict, T, out_path):

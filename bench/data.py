@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from data_pipeline.loader import DataArgs, ShardLoader
-from data_pipeline.preprocess import PreprocessArgs, preprocess
-from data_pipeline.sources import get_source
-from model.diffusion import rectified_flow_loss
-from model.dit import VideoDiT
+from decmem.data_pipeline.loader import DataArgs, ShardLoader
+from decmem.data_pipeline.preprocess import PreprocessArgs, preprocess
+from decmem.data_pipeline.sources import get_source
+from decmem.model.diffusion import rectified_flow_loss
+from decmem.model.dit import VideoDiT
 
 
 def _loader_rate(data: str, clip_frames: int, chunk_frames: int, n: int, warmup: int = 4) -> float:

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_rows
-from model.camera import relative_poses
-from model.diffusion import DiffusionArgs
-from model.dit import VideoDiT
-from model.rollout import rollout
-from training.config import config_from_dict, to_dict
-from training.run_config import RunConfig
+from decmem.bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_rows
+from decmem.model.camera import relative_poses
+from decmem.model.diffusion import DiffusionArgs
+from decmem.model.dit import VideoDiT
+from decmem.model.rollout import rollout
+from decmem.training.config import config_from_dict, to_dict
+from decmem.training.run_config import RunConfig
 
 
 def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:

@@ -28,13 +28,13 @@ import time
 
 import torch
 
-from bench.common import write_rows
-from bench.figures import figure, line_plot, save_figure
-from bench.targets import target
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import VideoDiT
-from training.config import config_from_dict, to_dict
-from training.run_config import MemoryProbeArgs, RunConfig
+from decmem.bench.common import write_rows
+from decmem.bench.figures import figure, line_plot, save_figure
+from decmem.bench.targets import target
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import VideoDiT
+from decmem.training.config import config_from_dict, to_dict
+from decmem.training.run_config import MemoryProbeArgs, RunConfig
 
 PROBE_SEED = 0x9E0B               # the probe's data stream: the same for every run
 EVAL_SEED = 0xE7A1                # the held-out set

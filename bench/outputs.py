@@ -4,10 +4,17 @@ from __future__ import annotations
 import json
 import os
 
-from bench.common import write_json
-from bench.figures import plot_attention, plot_cp, plot_data, plot_generate, plot_train
-from bench.memory import plot_memory, targets_memory
-from bench.targets import format_targets, targets_attention, targets_cp, targets_data, targets_generate, targets_train
+from decmem.bench.common import write_json
+from decmem.bench.figures import plot_attention, plot_cp, plot_data, plot_generate, plot_train
+from decmem.bench.memory import plot_memory, targets_memory
+from decmem.bench.targets import (
+    format_targets,
+    targets_attention,
+    targets_cp,
+    targets_data,
+    targets_generate,
+    targets_train,
+)
 
 PLOTS = {"attention": plot_attention, "generate": plot_generate, "cp": plot_cp, "data": plot_data, "train": plot_train,
          "memory": plot_memory}

@@ -38,13 +38,21 @@ import time
 
 import torch
 
-from bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_json, write_rows
-from model.camera import relative_poses
-from model.diffusion import rectified_flow_loss
-from model.dit import VideoDiT
-from training.config import dump_config
-from training.optim import build_optimizer
-from training.trainer import apply_activation_checkpointing
+from decmem.bench.common import (
+    add_ratio,
+    current_rss_mb,
+    orbit_cameras,
+    peak_rss_mb,
+    reset_peak_rss,
+    write_json,
+    write_rows,
+)
+from decmem.model.camera import relative_poses
+from decmem.model.diffusion import rectified_flow_loss
+from decmem.model.dit import VideoDiT
+from decmem.training.config import dump_config
+from decmem.training.optim import build_optimizer
+from decmem.training.trainer import apply_activation_checkpointing
 
 OVER_BUDGET_EXIT = 3          # child exit code: the watchdog saw the step's working set exceed the budget
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 import json
 import os
 
-from bench.attention import format_table as attention_table
-from bench.attention import run_attention_bench
-from bench.cp import run_cp_bench
-from bench.data import run_data_bench
-from bench.generate import format_table as generate_table
-from bench.generate import run_generate_bench
-from bench.memory import ablation_table, parse_runs, run_memory_bench
-from bench.memory import format_table as memory_table
-from bench.outputs import write_bench_outputs
-from bench.train import cli_main as train_bench_main
-from cli.common import add_config_args, int_list, load_run_config, log, strategies
-from training.config import dump_config
+from decmem.bench.attention import format_table as attention_table
+from decmem.bench.attention import run_attention_bench
+from decmem.bench.cp import run_cp_bench
+from decmem.bench.data import run_data_bench
+from decmem.bench.generate import format_table as generate_table
+from decmem.bench.generate import run_generate_bench
+from decmem.bench.memory import ablation_table, parse_runs, run_memory_bench
+from decmem.bench.memory import format_table as memory_table
+from decmem.bench.outputs import write_bench_outputs
+from decmem.bench.train import cli_main as train_bench_main
+from decmem.cli.common import add_config_args, int_list, load_run_config, log, strategies
+from decmem.training.config import dump_config
 
 
 def _dump_config(cfg, json_path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.attention import STRATEGIES
-from training.config import load_config
-from training.run_config import RunConfig
+from decmem.model.attention import STRATEGIES
+from decmem.training.config import load_config
+from decmem.training.run_config import RunConfig
 
 
 def int_list(s: str) -> list[int]:

@@ -1,9 +1,9 @@
 """``decmem preprocess``: source videos + cameras -> WebDataset shards + manifest."""
 from __future__ import annotations
 
-from cli.common import fail
-from data_pipeline.preprocess import BadInputError, PreprocessArgs, parse_resolution, parse_size, preprocess
-from data_pipeline.sources import FORMATS
+from decmem.cli.common import fail
+from decmem.data_pipeline.preprocess import BadInputError, PreprocessArgs, parse_resolution, parse_size, preprocess
+from decmem.data_pipeline.sources import FORMATS
 
 
 def cmd_preprocess(args) -> int:

@@ -23,12 +23,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cli.common import fail, log, strategies
-from data_pipeline.render import FPS, find_inputs
-from evaluation.report import fmt
-from training.checkpoint import resolve_resume
-from training.config import load_config
-from training.run_config import RunConfig
+from decmem.cli.common import fail, log, strategies
+from decmem.data_pipeline.render import FPS, find_inputs
+from decmem.evaluation.report import fmt
+from decmem.training.checkpoint import resolve_resume
+from decmem.training.config import load_config
+from decmem.training.run_config import RunConfig
 
 STRATEGIES = ("decmem", "window", "dense")
 
@@ -80,7 +80,7 @@ def _read_jsonl(path: str) -> list:
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "cli", *map(str, args)]
+    return [sys.executable, "-m", "decmem.cli", *map(str, args)]
 
 
 def _run(stage: str, cmd: list[str], log) -> float:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from cli.common import fail, log, strategies
-from evaluation.generate import generate
-from evaluation.protocol import EvalArgs, parse_frames_for, run_eval
-from evaluation.revisits import evaluate
-from model.attention import STRATEGIES
-from training.config import ConfigError
+from decmem.cli.common import fail, log, strategies
+from decmem.evaluation.generate import generate
+from decmem.evaluation.protocol import EvalArgs, parse_frames_for, run_eval
+from decmem.evaluation.revisits import evaluate
+from decmem.model.attention import STRATEGIES
+from decmem.training.config import ConfigError
 
 
 def cmd_generate(args) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import bench, data, demo, evaluate, train
-from training.config import ConfigError
+from decmem.cli import bench, data, demo, evaluate, train
+from decmem.training.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

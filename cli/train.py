@@ -8,18 +8,18 @@ import sys
 
 import yaml
 
-from cli.common import add_config_args, fail, load_run_config, log
-from data_pipeline.loader import StorageUnavailableError
-from slurm.jobs import describe, wait_finished
-from slurm.submit import SubmitArgs, submit
-from training.checkpoint import resolve_resume
-from training.config import dump_config, to_dict
-from training.distributed import RunFailed, env_rank_world, launch_local
-from training.dry_run import run_dry_run
-from training.trainer import NonFiniteLoss, train
-from training.validate import check_data, validate
+from decmem.cli.common import add_config_args, fail, load_run_config, log
+from decmem.data_pipeline.loader import StorageUnavailableError
+from decmem.slurm.jobs import describe, wait_finished
+from decmem.slurm.submit import SubmitArgs, submit
+from decmem.training.checkpoint import resolve_resume
+from decmem.training.config import dump_config, to_dict
+from decmem.training.distributed import RunFailed, env_rank_world, launch_local
+from decmem.training.dry_run import run_dry_run
+from decmem.training.trainer import NonFiniteLoss, train
+from decmem.training.validate import check_data, validate
 
-CLI_MODULE = "cli"        # what `--nproc N` runs in each process: python -m cli train ...
+CLI_MODULE = "decmem.cli"  # what `--nproc N` runs in each process: python -m decmem.cli train ...
 
 
 def cmd_train(args) -> int:

@@ -133,10 +133,10 @@ def iter_clip_sources(spec: str, limit: int | None = None):
 
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    from data_pipeline import storage
-    from data_pipeline.loader import resolve_shards
-    from data_pipeline.shards import npy_load
-    from data_pipeline.video import decode_mp4_bytes
+    from decmem.data_pipeline import storage
+    from decmem.data_pipeline.loader import resolve_shards
+    from decmem.data_pipeline.shards import npy_load
+    from decmem.data_pipeline.video import decode_mp4_bytes
 
     seen = given = 0
     for url in resolve_shards(path):

@@ -39,10 +39,10 @@ import torch
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_pipeline import storage
-from data_pipeline.shards import npy_load
-from data_pipeline.video import decode_mp4_bytes
-from model.camera import clip_cameras
+from decmem.data_pipeline import storage
+from decmem.data_pipeline.shards import npy_load
+from decmem.data_pipeline.video import decode_mp4_bytes
+from decmem.model.camera import clip_cameras
 
 log = logging.getLogger("decmem.data")
 

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from data_pipeline.clip import validate_clip
-from data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
-from data_pipeline.sources import get_source
-from data_pipeline.transforms import resize_clip, segments, subsample_fps, take_frames
-from data_pipeline.video import encode_mp4_bytes
+from decmem.data_pipeline.clip import validate_clip
+from decmem.data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
+from decmem.data_pipeline.sources import get_source
+from decmem.data_pipeline.transforms import resize_clip, segments, subsample_fps, take_frames
+from decmem.data_pipeline.video import encode_mp4_bytes
 
 
 class BadInputError(ValueError):
@@ -76,7 +76,7 @@ _CODECS: dict = {}
 
 def _codec(spec: str):
     if spec not in _CODECS:
-        from model.codec import make_codec
+        from decmem.model.codec import make_codec
         _CODECS[spec] = make_codec(spec)
     return _CODECS[spec]
 

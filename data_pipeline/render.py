@@ -35,7 +35,7 @@ import os
 import numpy as np
 import yaml
 
-from data_pipeline.overlap import visible_in
+from decmem.data_pipeline.overlap import visible_in
 
 FPS = 10
 NEAR, FAR = 0.04, 100.0        # MiniWorld's gluPerspective clipping planes (m)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import webdataset as wds
 
-from data_pipeline import storage
+from decmem.data_pipeline import storage
 
 FORMAT = "decmem-shards/1"
 SHARD_NAME = "shard-{:06d}.tar"

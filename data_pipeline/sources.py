@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from data_pipeline.synthetic import synthetic_clip
+from decmem.data_pipeline.synthetic import synthetic_clip
 
 FORMATS = ("re10k", "nerfstudio", "worldmem", "memory_maze", "render", "synthetic")
 
@@ -41,8 +41,8 @@ def get_source(fmt: str):
     if fmt == "synthetic":
         return _Synthetic
     if fmt == "render":
-        return importlib.import_module("data_pipeline.render")
+        return importlib.import_module("decmem.data_pipeline.render")
     if fmt in FORMATS:
-        readers = importlib.import_module("data_pipeline.readers")
+        readers = importlib.import_module("decmem.data_pipeline.readers")
         return readers.READERS[fmt]
     raise ValueError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")

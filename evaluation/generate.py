@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.clip import load_clip_source
-from data_pipeline.video import side_by_side, write_mp4
-from evaluation.metrics import psnr
-from evaluation.report import write_json
-from model.camera import clip_cameras
-from model.codec import make_codec
-from model.rollout import rollout
-from training.weights import load_weights
+from decmem.data_pipeline.clip import load_clip_source
+from decmem.data_pipeline.video import side_by_side, write_mp4
+from decmem.evaluation.metrics import psnr
+from decmem.evaluation.report import write_json
+from decmem.model.camera import clip_cameras
+from decmem.model.codec import make_codec
+from decmem.model.rollout import rollout
+from decmem.training.weights import load_weights
 
 
 def clip_inputs(clip: dict, codec, model, total: int, device="cpu"):

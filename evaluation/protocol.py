@@ -47,20 +47,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from data_pipeline.clip import iter_clip_sources
-from data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks
-from data_pipeline.storage import write_bytes_atomic
-from evaluation.figures import plot_chunk_seconds, plot_dispersion, plot_frames, plot_heatmaps
-from evaluation.generate import clip_inputs
-from evaluation.metrics import frame_metrics, lpips_fn
-from evaluation.report import fmt, json_safe
-from evaluation.revisits import revisit_mask
-from model.attention import STRATEGIES
-from model.codec import make_codec
-from model.diffusion import DiffusionArgs
-from model.rollout import rollout
-from training.visuals import retrieval_heatmap
-from training.weights import load_weights
+from decmem.data_pipeline.clip import iter_clip_sources
+from decmem.data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks
+from decmem.data_pipeline.storage import write_bytes_atomic
+from decmem.evaluation.figures import plot_chunk_seconds, plot_dispersion, plot_frames, plot_heatmaps
+from decmem.evaluation.generate import clip_inputs
+from decmem.evaluation.metrics import frame_metrics, lpips_fn
+from decmem.evaluation.report import fmt, json_safe
+from decmem.evaluation.revisits import revisit_mask
+from decmem.model.attention import STRATEGIES
+from decmem.model.codec import make_codec
+from decmem.model.diffusion import DiffusionArgs
+from decmem.model.rollout import rollout
+from decmem.training.visuals import retrieval_heatmap
+from decmem.training.weights import load_weights
 
 RETRIEVING = ("decmem", "fov_frames")
 ALL_STRATEGIES = ["decmem", "dense", "dense_decay", "fov_frames", "window"]   # one weights folder: every strategy

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from data_pipeline.storage import write_bytes_atomic
+from decmem.data_pipeline.storage import write_bytes_atomic
 
 
 def fmt(x, spec: str) -> str:

@@ -20,11 +20,11 @@ import platform
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline import clip as clipmod
-from data_pipeline.storage import write_bytes_atomic
-from data_pipeline.video import frame_strip, read_mp4, side_by_side, write_mp4, write_png
-from evaluation.metrics import frame_metrics
-from evaluation.report import fmt, json_safe
+from decmem.data_pipeline import clip as clipmod
+from decmem.data_pipeline.storage import write_bytes_atomic
+from decmem.data_pipeline.video import frame_strip, read_mp4, side_by_side, write_mp4, write_png
+from decmem.evaluation.metrics import frame_metrics
+from decmem.evaluation.report import fmt, json_safe
 
 TABLE_HEADER = ("| strategy | revisit frames | revisit PSNR (dB) | revisit SSIM | all generated PSNR (dB) "
                 "| all generated SSIM | s / latent |")

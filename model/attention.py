@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from model.blocks import pool_blocks
-from model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
-from model.memory import LOCAL, BankLayer, MemoryContext
-from model.retrieval import selected_log_weights
+from decmem.model.blocks import pool_blocks
+from decmem.model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
+from decmem.model.memory import LOCAL, BankLayer, MemoryContext
+from decmem.model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
 MERGES = ("residual", "gate", "joint")

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from model.memory import BankLayer
+from decmem.model.memory import BankLayer
 
 
 class MemoryBank:

@@ -15,13 +15,13 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from model.attention import AttentionArgs, DecMemAttention
-from model.bank import MemoryBank
-from model.blocks import BlockLayout
-from model.camera import plucker_rays
-from model.memory import MemoryContext
-from model.posenc import CAMERAS, POSITIONS, ChannelSplit, TokenPositions, prope_matrices
-from model.retrieval import select_fov_frames
+from decmem.model.attention import AttentionArgs, DecMemAttention
+from decmem.model.bank import MemoryBank
+from decmem.model.blocks import BlockLayout
+from decmem.model.camera import plucker_rays
+from decmem.model.memory import MemoryContext
+from decmem.model.posenc import CAMERAS, POSITIONS, ChannelSplit, TokenPositions, prope_matrices
+from decmem.model.retrieval import select_fov_frames
 
 SIZES = {
     "debug": dict(dim=64, depth=2, n_heads=4),     # a step in well under a second on CPU

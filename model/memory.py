@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from model.retrieval import topk_blocks
+from decmem.model.retrieval import topk_blocks
 
 #################################################################################
 #                                 Bank Tensors                                  #

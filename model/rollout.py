@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.bank import MemoryBank
-from model.diffusion import DiffusionArgs, euler_sample
+from decmem.model.bank import MemoryBank
+from decmem.model.diffusion import DiffusionArgs, euler_sample
 
 
 @dataclass

@@ -9,9 +9,9 @@ import zlib
 
 import submitit
 
-from training.config import load_config
-from training.run_config import RunConfig
-from training.trainer import train
+from decmem.training.config import load_config
+from decmem.training.run_config import RunConfig
+from decmem.training.trainer import train
 
 log = logging.getLogger("decmem.slurm")
 

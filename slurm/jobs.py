@@ -14,7 +14,7 @@ import time
 
 import submitit
 
-from training.checkpoint import resolve_resume
+from decmem.training.checkpoint import resolve_resume
 
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE")

@@ -2,8 +2,9 @@
 
     run_dir/
       submitit/               submitit's pickles and the tasks' logs (%j_%t_log.out / .err)
-      code/<stamp>/           the code as submitted (git-tracked files of the working tree) + run.yaml,
-                              the resolved config the job loads, so edits after submission change nothing
+      code/<stamp>/           the code as submitted (git-tracked files of the working tree, the package folders
+                              under decmem/ as installed: decmem/training/...) + run.yaml, the resolved config
+                              the job loads, so edits after submission change nothing
       jobs.json               one record per submission: job id, cluster, resources, snapshot
 """
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 
 import submitit
 
-from data_pipeline import storage
-from slurm.job import TrainJob
-from training.config import dump_config
-from training.validate import validate
+from decmem.data_pipeline import storage
+from decmem.slurm.job import TrainJob
+from decmem.training.config import dump_config
+from decmem.training.validate import validate
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
+# the repository folders installed as decmem.<folder> (setup.cfg package_dir; tests/test_layout.py checks both agree)
+PACKAGES = ("model", "training", "data_pipeline", "slurm", "evaluation", "bench", "cli")
 
 
 @dataclass
@@ -114,8 +117,10 @@ def sbatch_text(ex, folder: str) -> str:
 def snapshot_code(dest: str, root: str | None = None) -> str:
     """Copy the git-tracked files of the working tree (their current contents) to dest.
 
-    submitit's RsyncSnapshot does the same with rsync, which these machines lack; outside a git
-    checkout the package folders are copied instead.
+    The package folders land where the installed import path expects them (model/ -> dest/decmem/model/, a
+    namespace package like the installed one), so with dest first on PYTHONPATH the job imports decmem.* from the
+    snapshot, not from the installation; everything else (configs/, ...) keeps its path. submitit's RsyncSnapshot
+    does the same with rsync, which these machines lack; outside a git checkout the package folders are copied instead.
     """
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -123,14 +128,16 @@ def snapshot_code(dest: str, root: str | None = None) -> str:
         files = [f for f in out.stdout.decode().split("\0") if f]
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         files = []
-        for pkg in ("model", "training", "data_pipeline", "slurm", "configs"):
+        for pkg in (*PACKAGES, "configs"):
             for dirpath, _, names in os.walk(os.path.join(root, pkg)):
                 files += [os.path.relpath(os.path.join(dirpath, n), root) for n in names if not n.endswith(".pyc")]
     for rel in files:
         src = os.path.join(root, rel)
         if os.path.isfile(src):                          # tracked but deleted in the working tree: skip
-            os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
-            shutil.copy2(src, os.path.join(dest, rel))
+            top = rel.replace(os.sep, "/").split("/")[0]
+            target = os.path.join(dest, "decmem", rel) if top in PACKAGES else os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(target) or dest, exist_ok=True)
+            shutil.copy2(src, target)
     return dest
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.attention import AttentionArgs
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import ModelArgs, VideoDiT
-from training.context_parallel import CPMemory, Layout, build_groups
-from training.distributed import init_loopback_group as init
+from decmem.model.attention import AttentionArgs
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.training.context_parallel import CPMemory, Layout, build_groups
+from decmem.training.distributed import init_loopback_group as init
 
 
 def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera="plucker", top_k=3, window=3, seed=0,

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_decmem, reference_dense
 
-from model.attention import AttentionArgs, DecMemAttention
-from model.blocks import pool_blocks
-from model.memory import BankLayer
-from model.posenc import ChannelSplit, TokenPositions, prope_matrices
+from decmem.model.attention import AttentionArgs, DecMemAttention
+from decmem.model.blocks import pool_blocks
+from decmem.model.memory import BankLayer
+from decmem.model.posenc import ChannelSplit, TokenPositions, prope_matrices
 
 F64 = torch.float64
 
@@ -296,7 +296,7 @@ def test_planted_revisit_is_ranked_first():
 
 
 def test_ties_resolve_to_lower_block_index():
-    from model.retrieval import topk_blocks
+    from decmem.model.retrieval import topk_blocks
 
     s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -math.inf, 3.0]])
     idx, valid = topk_blocks(s, 3)
@@ -371,7 +371,7 @@ def test_bad_geometry_is_a_clear_error():
 def test_topk_matches_python_reference_with_many_ties(rows, n, k, seed):
     from reference import python_topk
 
-    from model.retrieval import topk_blocks
+    from decmem.model.retrieval import topk_blocks
 
     g = torch.Generator().manual_seed(seed)
     s = torch.randint(0, 4, (rows, n), generator=g).double()          # few distinct values: ties everywhere
@@ -384,7 +384,7 @@ def test_topk_matches_python_reference_with_many_ties(rows, n, k, seed):
 
 def test_decmem_never_attends_the_whole_bank(monkeypatch):
     """Every kernel call of the sparse path sees at most max(k*B, window, chunk) keys per query."""
-    import model.attention as att
+    import decmem.model.attention as att
 
     calls = []
     real = att.attend

@@ -9,9 +9,16 @@ import sys
 import pytest
 from PIL import Image
 
-from bench.outputs import PLOTS
-from bench.targets import format_targets, targets_attention, targets_cp, targets_data, targets_generate, targets_train
-from cli.main import main
+from decmem.bench.outputs import PLOTS
+from decmem.bench.targets import (
+    format_targets,
+    targets_attention,
+    targets_cp,
+    targets_data,
+    targets_generate,
+    targets_train,
+)
+from decmem.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.size=debug", "model.chunk_frames=2", "model.attention.block_size=4", "model.attention.top_k=2",
@@ -55,7 +62,7 @@ def test_attention_outputs(tmp_path):
     """Through the console script: 448 is measured, so dense/decmem there decides the target."""
     path = tmp_path / "att.json"
     exe = os.path.join(os.path.dirname(sys.executable), "decmem")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "decmem.cli"]
     r = subprocess.run(cmd + ["bench", "attention", "-c", os.path.join(ROOT, "configs/debug.yaml"), "--strategies",
                               "decmem,dense", "--bank-frames", "16,448", "--json", str(path), "bench.repeats=1"],
                        capture_output=True, text=True, cwd=ROOT)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from bench.train import fit_ratio, fit_search, format_table, run_point, run_train_bench
-from training.config import load_config
-from training.run_config import RunConfig
+from decmem.bench.train import fit_ratio, fit_search, format_table, run_point, run_train_bench
+from decmem.training.config import load_config
+from decmem.training.run_config import RunConfig
 
 TINY = ["model.size=debug", "model.chunk_frames=2", "model.attention.block_size=4", "model.attention.top_k=2",
         "model.attention.window=2", "bench_generate.latent_h=8", "bench_generate.latent_w=8",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.blocks import BlockLayout, pool_blocks
+from decmem.model.blocks import BlockLayout, pool_blocks
 
 
 @pytest.mark.parametrize("h,w,B", [(4, 4, 4), (8, 6, 6), (16, 16, 16), (4, 8, 8), (3, 5, 15), (6, 4, 1)])

@@ -9,9 +9,9 @@ import sys
 import pytest
 import yaml
 
-from cli.main import main
-from training.config import ConfigError, dump_config, load_config, to_dict
-from training.run_config import RunConfig
+from decmem.cli.main import main
+from decmem.training.config import ConfigError, dump_config, load_config, to_dict
+from decmem.training.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_bench_attention_writes_rows(tmp_path):
 
 def test_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "decmem")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "decmem.cli"]
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, check=True)
     assert "bench" in r.stdout and "config" in r.stdout
     r = subprocess.run(cmd + ["bench", "attention", "--strategies", "nope"], capture_output=True, text=True)
@@ -116,9 +116,9 @@ def test_a_missing_input_answers_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["bench_gpu.yaml", "bench_generate_gpu.yaml"])
 def test_gpu_bench_configs_resolve_to_paper_scale(name):
-    from model.blocks import BlockLayout
-    from training.config import load_config
-    from training.run_config import RunConfig
+    from decmem.model.blocks import BlockLayout
+    from decmem.training.config import load_config
+    from decmem.training.run_config import RunConfig
 
     cfg = load_config(RunConfig, os.path.join(ROOT, "configs", name), [])
     if name == "bench_gpu.yaml":

@@ -8,9 +8,9 @@ import torch
 import torch.multiprocessing as mp
 from cp_check import check_equivalence
 
-from model.memory import LocalMemory, MemoryContext
-from training.context_parallel import CPMemory, Layout, shard_range
-from training.distributed import free_port
+from decmem.model.memory import LocalMemory, MemoryContext
+from decmem.training.context_parallel import CPMemory, Layout, shard_range
+from decmem.training.distributed import free_port
 
 CASES = [
     dict(strategy="decmem", T=11, starts=[7, 9]),                       # 9 bank frames: not divisible by 2 or 4

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import preprocess as pp
-from data_pipeline.loader import DataArgs, ShardLoader
-from data_pipeline.preprocess import PreprocessArgs, preprocess
-from data_pipeline.synthetic import render_frames, synthetic_clip
-from data_pipeline.transforms import resize_clip
+from decmem.data_pipeline import preprocess as pp
+from decmem.data_pipeline.loader import DataArgs, ShardLoader
+from decmem.data_pipeline.preprocess import PreprocessArgs, preprocess
+from decmem.data_pipeline.synthetic import render_frames, synthetic_clip
+from decmem.data_pipeline.transforms import resize_clip
 
 SPEC = "clips=6,frames=40,hw=24x32,seed=3"
 
@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_are_skipped_and_recorded_or_fatal_when_strict(tmp_path, monkeypatch):
-    from data_pipeline.sources import _Synthetic
+    from decmem.data_pipeline.sources import _Synthetic
 
     real = _Synthetic.read
 
@@ -226,7 +226,7 @@ def test_s3_round_trip_matches_local(s3_server, dataset, tmp_path):
 
 def test_bad_source_files_are_skipped_with_reasons_and_training_input_continues(tmp_path):
     """WorldMem episodes: one good, one truncated video, one zero-frame video, one pose/frame count mismatch."""
-    from data_pipeline.video import write_mp4
+    from decmem.data_pipeline.video import write_mp4
 
     root = tmp_path / "episodes"
     root.mkdir()

@@ -10,10 +10,10 @@ import sys
 import av
 from PIL import Image
 
-from evaluation.revisits import parse_report_table
+from decmem.evaluation.revisits import parse_report_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = [sys.executable, "-m", "cli", "demo", "--config", os.path.join(ROOT, "configs", "debug.yaml"),
+DEMO = [sys.executable, "-m", "decmem.cli", "demo", "--config", os.path.join(ROOT, "configs", "debug.yaml"),
         "--scenes", "2", "--frames", "48", "--segment-frames", "24", "--hw", "16x16", "--heldout-frames", "32",
         "--init-frames", "12", "--steps", "12", "--long-frames", "6", "--long-steps", "1", "--long-dense-frames", "2",
         "log.progress=false", "log.rollout_every=0"]
@@ -95,8 +95,8 @@ def _manifest(root, inputs):
 
 
 def test_a_dataset_of_another_render_spec_is_not_reused(tmp_path):
-    from cli.demo import _manifest_done
-    from data_pipeline.render import find_inputs
+    from decmem.cli.demo import _manifest_done
+    from decmem.data_pipeline.render import find_inputs
 
     spec = "scenes=2,frames=48,hw=16x16,seed=0,path=revisit"
     _manifest(tmp_path / "same", find_inputs(spec))

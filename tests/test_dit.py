@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention import AttentionArgs
-from model.bank import MemoryBank
-from model.camera import plucker_rays, relative_poses
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import ModelArgs, VideoDiT
-from model.rollout import rollout
+from decmem.model.attention import AttentionArgs
+from decmem.model.bank import MemoryBank
+from decmem.model.camera import plucker_rays, relative_poses
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.model.rollout import rollout
 
 F64 = torch.float64
 
@@ -114,7 +114,7 @@ def test_bank_save_load_resumes_rollout_identically(tmp_path):
 # ------------------------------------------------------------------------------------
 
 def _keys_per_query(m, bank_frames, monkeypatch):
-    import model.attention as att
+    import decmem.model.attention as att
 
     seen = []
     real = att.attend
@@ -212,7 +212,7 @@ def test_untrained_model_ignores_camera_and_actions():
 # ------------------------------------------------------------------------------------
 
 def test_pixel_codec_round_trip_is_exact():
-    from model.codec import make_codec
+    from decmem.model.codec import make_codec
 
     frames = np.random.default_rng(0).integers(0, 256, (5, 6, 10, 3), dtype=np.uint8)
     c = make_codec("pixels")
@@ -237,7 +237,7 @@ def tiny_autoencoders(tmp_path_factory):
 
 @pytest.mark.parametrize("kind,frames,latents,hw", [("wan", 9, 3, 8), ("kl", 9, 9, 16)])
 def test_autoencoder_codec_shapes_and_determinism(tiny_autoencoders, kind, frames, latents, hw):
-    from model.codec import make_codec
+    from decmem.model.codec import make_codec
 
     c = make_codec(f"autoencoder:{tiny_autoencoders / kind}")
     x = np.random.default_rng(1).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8)
@@ -259,7 +259,7 @@ def test_autoencoder_codec_shapes_and_determinism(tiny_autoencoders, kind, frame
 def test_weights_round_trip_and_mismatch_errors(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from training.weights import load_weights, save_weights
+    from decmem.training.weights import load_weights, save_weights
 
     m = tiny(dtype=torch.float32)
     save_weights(m, str(tmp_path / "w"), DiffusionArgs(sample_steps=7))

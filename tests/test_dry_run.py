@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import VideoDiT
-from training.config import load_config
-from training.dry_run import count_parameters, estimate_memory, format_bytes, run_dry_run
-from training.run_config import RunConfig
-from training.validate import check_data, validate
+from decmem.data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import VideoDiT
+from decmem.training.config import load_config
+from decmem.training.dry_run import count_parameters, estimate_memory, format_bytes, run_dry_run
+from decmem.training.run_config import RunConfig
+from decmem.training.validate import check_data, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks, visible_in
-from evaluation.protocol import METRICS, _recall, parse_tables
-from model.blocks import BlockLayout
+from decmem.data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks, visible_in
+from decmem.evaluation.protocol import METRICS, _recall, parse_tables
+from decmem.model.blocks import BlockLayout
 
 H = W = 24
 F = 12.0                                                      # focal length: horizontal FOV 2*atan(12/12) = 90 deg
@@ -217,13 +217,13 @@ def test_recall_on_hand_made_selections_under_the_frame_rule():
 def rendered(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalproto")
     data = root / "data"
-    subprocess.run([sys.executable, "-m", "cli", "preprocess", "--format", "render",
+    subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
                     "scenes=1,frames=48,hw=16x16,seed=3", str(data), "--segment-frames", "24"],
                    check=True, capture_output=True, text=True)
-    from model.dit import VideoDiT
-    from training.config import load_config
-    from training.run_config import RunConfig
-    from training.weights import save_weights
+    from decmem.model.dit import VideoDiT
+    from decmem.training.config import load_config
+    from decmem.training.run_config import RunConfig
+    from decmem.training.weights import save_weights
 
     cfg = load_config(RunConfig, "configs/debug.yaml", [])
     torch.manual_seed(0)
@@ -248,7 +248,7 @@ def rendered(tmp_path_factory):
 def _truth_row(data, video_id: str, t: int, rule: str) -> np.ndarray:
     """The heatmap's true overlap of latent frame t against bank frames 0..t-1, from the geometry (debug config:
     16x16 pixels, 8x8 tokens, 2x2-token blocks; default thresholds)."""
-    from data_pipeline.clip import iter_clip_sources
+    from decmem.data_pipeline.clip import iter_clip_sources
 
     clip = next(c for c in iter_clip_sources(str(data)) if c["video_id"] == video_id)
     blocks = pixel_blocks(16, 16, 8, 8, (2, 2))
@@ -261,7 +261,7 @@ def test_eval_protocol_end_to_end(rendered):
     root, data = rendered
     out = root / "eval"
     strategies = ["decmem", "dense", "dense_decay", "fov_frames", "window"]
-    p = subprocess.run([sys.executable, "-m", "cli", "eval", "--weights", str(root / "weights"),
+    p = subprocess.run([sys.executable, "-m", "decmem.cli", "eval", "--weights", str(root / "weights"),
                         "--data", str(data), "--init-frames", "8", "--frames", "6", "--clips", "2",
                         "--strategies", ",".join(strategies), "--steps", "2", "--min-gap", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
@@ -314,8 +314,8 @@ def test_eval_protocol_end_to_end(rendered):
 
 
 def test_eval_protocol_without_depth_uses_the_pose_rule(rendered, tmp_path):
-    from data_pipeline.clip import iter_clip_sources, save_clip
-    from evaluation.protocol import EvalArgs, run_eval
+    from decmem.data_pipeline.clip import iter_clip_sources, save_clip
+    from decmem.evaluation.protocol import EvalArgs, run_eval
 
     root, data = rendered
     clip = next(iter_clip_sources(str(data)))
@@ -343,7 +343,7 @@ def _quiet(*_):
 
 
 def test_each_strategy_reads_its_own_weights(rendered, tmp_path):
-    from evaluation.protocol import EvalArgs, run_eval
+    from decmem.evaluation.protocol import EvalArgs, run_eval
 
     root, data = rendered
     a, b = str(root / "weights"), str(root / "weights_b")
@@ -368,7 +368,7 @@ def test_each_strategy_reads_its_own_weights(rendered, tmp_path):
 
 
 def test_weights_of_another_geometry_are_refused_in_one_line(rendered, tmp_path, capsys):
-    from cli.main import main
+    from decmem.cli.main import main
 
     root, data = rendered
     a, c = str(root / "weights"), str(root / "weights_blocks16")
@@ -380,7 +380,7 @@ def test_weights_of_another_geometry_are_refused_in_one_line(rendered, tmp_path,
 
 
 def test_dispersion_chunk_seconds_frames_for_and_recall_every(rendered, tmp_path):
-    from evaluation.protocol import EvalArgs, run_eval
+    from decmem.evaluation.protocol import EvalArgs, run_eval
 
     root, data = rendered
     kw = dict(weights=str(root / "weights_b"), data=str(data), init_frames=8, frames=10, clips=1, sample_steps=1,
@@ -433,7 +433,7 @@ def test_dispersion_chunk_seconds_frames_for_and_recall_every(rendered, tmp_path
 
 
 def test_long_rollout_frames_plot_is_smoothed(tmp_path):
-    from evaluation.figures import _smooth, plot_frames
+    from decmem.evaluation.figures import _smooth, plot_frames
 
     y = np.r_[np.zeros(10), np.ones(10)]
     np.testing.assert_allclose(_smooth(np.full(7, 3.0), 5), 3.0)          # ends averaged over fewer, not zeros

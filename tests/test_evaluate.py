@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import clip as clipmod
-from data_pipeline.clip import save_clip
-from data_pipeline.video import read_mp4, write_mp4
-from evaluation.metrics import frame_metrics
-from evaluation.revisits import evaluate, parse_report_table, revisit_mask
+from decmem.data_pipeline import clip as clipmod
+from decmem.data_pipeline.clip import save_clip
+from decmem.data_pipeline.video import read_mp4, write_mp4
+from decmem.evaluation.metrics import frame_metrics
+from decmem.evaluation.revisits import evaluate, parse_report_table, revisit_mask
 
 
 def _pose(x: float, z: float, yaw_deg: float) -> np.ndarray:
@@ -196,7 +196,7 @@ def test_evaluate_without_revisits_shows_last_generated_frames(toy):
 
 def test_revisit_needs_an_old_enough_init_frame():
     """min_gap: matching only the last init frames (the local window's) is not a revisit; an old one is."""
-    from evaluation.revisits import revisit_mask
+    from decmem.evaluation.revisits import revisit_mask
 
     T, init = 12, 8
     c2w = np.tile(np.eye(4), (T, 1, 1))

@@ -25,9 +25,9 @@ from test_data_pipeline import SPEC, same
 from test_data_pipeline import args as preprocess_args
 from test_readers import RE10K_FILES, pose_times, write_video
 
-from data_pipeline import storage
-from data_pipeline.loader import DataArgs, ShardLoader, StorageUnavailableError
-from data_pipeline.preprocess import preprocess
+from decmem.data_pipeline import storage
+from decmem.data_pipeline.loader import DataArgs, ShardLoader, StorageUnavailableError
+from decmem.data_pipeline.preprocess import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "decmem-faults"
@@ -222,7 +222,7 @@ def test_s3_down_past_the_limit_is_a_clear_error_not_a_hang_or_a_skip(small_shar
 
 def test_close_interrupts_a_retry_wait():
     """``close()`` of a loader whose producer waits to retry returns at once, not after the backoff."""
-    from data_pipeline import loader as loader_mod
+    from decmem.data_pipeline import loader as loader_mod
 
     stop = threading.Event()
     retry = loader_mod._Retry(DataArgs(read_retry_initial_s=30.0), "s3://b/shard-000000.tar", {}, stop)
@@ -390,7 +390,7 @@ def test_train_with_the_storage_down_exits_with_one_clear_line(small_shards, s3_
     s3_env.send("stop")
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1")
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
+    p = subprocess.run([sys.executable, "-m", "decmem.cli", "train", "configs/debug.yaml", f"data.data=s3://{BUCKET}/ds",
                         "data.read_attempts=3", "data.read_retry_initial_s=0.2", "data.read_retry_max_wait_s=30",
                         f"run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.monotonic() - t0

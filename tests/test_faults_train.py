@@ -133,7 +133,7 @@ def test_kill9_of_the_whole_job_during_a_save(reference, data, tmp_path, monkeyp
     assert open(os.path.join(ck, "latest")).read() == "step-4"
     assert check_sums(os.path.join(ck, "step-4")) == []              # every file as it was saved
     sums_before = open(os.path.join(ck, "step-4", "SHA256SUMS")).read()
-    from training.checkpoint import resolve_resume
+    from decmem.training.checkpoint import resolve_resume
 
     assert resolve_resume(run_dir, "latest") == os.path.join(ck, "step-4")
     os.remove(os.path.join(ck, "latest"))                            # even without the pointer: the newest complete
@@ -303,7 +303,7 @@ def test_tampered_weights_are_refused(saved, data, tmp_path):
     """model.safetensors can run no code, but changed or corrupted weights must not load silently either."""
     from safetensors.torch import load_file, save_file
 
-    from training.weights import load_weights
+    from decmem.training.weights import load_weights
 
     wdir = str(tmp_path / "weights")
     shutil.copytree(os.path.join(saved, "checkpoints", "step-2", "weights"), wdir)

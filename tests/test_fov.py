@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from model.attention import AttentionArgs, DecMemAttention
-from model.retrieval import select_fov_frames, visibility
+from decmem.model.attention import AttentionArgs, DecMemAttention
+from decmem.model.retrieval import select_fov_frames, visibility
 
 HW = (64, 64)
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
-from data_pipeline.clip import save_clip
-from data_pipeline.synthetic import synthetic_clip
-from data_pipeline.video import read_mp4
-from model.attention import AttentionArgs
-from model.dit import ModelArgs, VideoDiT
-from training.weights import save_weights
+from decmem.cli.main import main
+from decmem.data_pipeline.clip import save_clip
+from decmem.data_pipeline.synthetic import synthetic_clip
+from decmem.data_pipeline.video import read_mp4
+from decmem.model.attention import AttentionArgs
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.training.weights import save_weights
 
 
 @pytest.fixture()
@@ -82,8 +82,8 @@ def test_generate_through_a_time_compressing_autoencoder(tmp_path):
 
 
 def test_rollout_keeps_dispersion_per_frame_from_each_chunks_last_step():
-    from model.diffusion import DiffusionArgs
-    from model.rollout import rollout
+    from decmem.model.diffusion import DiffusionArgs
+    from decmem.model.rollout import rollout
 
     torch.manual_seed(0)
     model = VideoDiT(ModelArgs(size="debug", chunk_frames=2, attention=AttentionArgs(block_size=16, window=3,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model.kernels import attend, merge_lse, resolve_backend
+from decmem.model.kernels import attend, merge_lse, resolve_backend
 
 
 def reference(q, k, v, bias, mask):
@@ -69,7 +69,7 @@ def test_auto_backend_and_errors():
 
 def test_recompute_backward_matches_autograd():
     """The exact backward used by fused kernels without an lse-aware backward (GPU flash-attn, xformers)."""
-    from model.kernels import _recompute_backward
+    from decmem.model.kernels import _recompute_backward
 
     torch.manual_seed(2)
     q, k, v = (torch.randn(3, n, 6, dtype=torch.float64, requires_grad=True) for n in (7, 11, 11))

@@ -5,13 +5,13 @@ import math
 
 import torch
 
-from data_pipeline.synthetic import synthetic_clip
-from model.attention import AttentionArgs
-from model.camera import clip_cameras
-from model.codec import PixelCodec
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import ModelArgs, VideoDiT
-from model.rollout import rollout
+from decmem.data_pipeline.synthetic import synthetic_clip
+from decmem.model.attention import AttentionArgs
+from decmem.model.camera import clip_cameras
+from decmem.model.codec import PixelCodec
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.model.rollout import rollout
 
 
 def psnr(a, b):

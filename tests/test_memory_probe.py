@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bench.memory import (
+from decmem.bench.memory import (
     MemoryProbeArgs,
     parse_runs,
     probe_batch,
@@ -16,8 +16,8 @@ from bench.memory import (
     run_memory_bench,
     targets_memory,
 )
-from training.config import load_config
-from training.run_config import RunConfig
+from decmem.training.config import load_config
+from decmem.training.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "configs", "debug.yaml")
@@ -42,7 +42,7 @@ def test_probe_samples_are_exact_revisits_older_than_the_window():
 
 def test_recall_counts_the_true_source_block():
     cfg = load_config(RunConfig, DEBUG)
-    from model.dit import VideoDiT
+    from decmem.model.dit import VideoDiT
 
     model = VideoDiT(cfg.model)
     n_b, G, k = 16, 32, cfg.model.attention.top_k

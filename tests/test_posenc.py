@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention import AttentionArgs
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import ModelArgs, VideoDiT
-from model.posenc import ChannelSplit, TokenPositions, prope_matrices
+from decmem.model.attention import AttentionArgs
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.model.posenc import ChannelSplit, TokenPositions, prope_matrices
 
 F64 = torch.float64
 
@@ -144,7 +144,7 @@ def test_rigid_motion_of_the_whole_trajectory_leaves_the_model_unchanged(strateg
 
 def test_position_prior_scores_same_view_same_cell_highest():
     """At init the q/k biases add exactly position_prior logits for the same view and cell, less for any other."""
-    from model.attention import DecMemAttention
+    from decmem.model.attention import DecMemAttention
 
     hw, D, H, prior = (8, 8), 64, 2, 12.0
     d = D // H

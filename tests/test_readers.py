@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.clip import load_clip, save_clip
-from data_pipeline.readers import READERS, memory_maze, nerfstudio, re10k, worldmem
+from decmem.data_pipeline.clip import load_clip, save_clip
+from decmem.data_pipeline.readers import READERS, memory_maze, nerfstudio, re10k, worldmem
 
 RE10K_DIR = "/work/shared/data/re10k_poses"
 RE10K_FILES = sorted(glob.glob(os.path.join(RE10K_DIR, "*.txt")))

@@ -25,8 +25,8 @@ def _probe_egl():
 
 _probe_egl()
 
-from data_pipeline import render  # noqa: E402
-from data_pipeline.clip import load_clip, save_clip, validate_clip  # noqa: E402
+from decmem.data_pipeline import render  # noqa: E402
+from decmem.data_pipeline.clip import load_clip, save_clip, validate_clip  # noqa: E402
 
 NOMINAL = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "purple": (0.44, 0.15, 0.76)}
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline import render
+from decmem.data_pipeline import render
 
 
 def _gl_missing():

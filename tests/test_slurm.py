@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from decmem.slurm.jobs import slurm_state, wait_finished
 from devtools import local_cluster
-from slurm.jobs import slurm_state, wait_finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "debug.yaml")
@@ -47,14 +47,14 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("render") / "data"
-    subprocess.run([sys.executable, "-m", "cli", "preprocess", "--format", "render",
+    subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
                     "scenes=4,frames=48,hw=16x16,seed=0", str(out), "--segment-frames", "24", "--shard-bytes", "40KB",
                     "--quiet"], check=True, cwd=ROOT)
     return str(out)
 
 
 def submit(run_dir, data, *overrides, env=None, extra=()):
-    r = subprocess.run([sys.executable, "-m", "cli", "submit", CONFIG, f"run_dir={run_dir}",
+    r = subprocess.run([sys.executable, "-m", "decmem.cli", "submit", CONFIG, f"run_dir={run_dir}",
                         f"data.data={data}", *COMMON, *overrides, "--tasks-per-node", "2", "--time", "10", *extra],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -90,9 +90,9 @@ def test_two_task_job_completes(straight):
     assert os.listdir(os.path.join(run_dir, "tb"))
     # the code as submitted and the resolved config the job loaded
     rec = json.load(open(os.path.join(run_dir, "jobs.json")))[-1]
-    assert os.path.exists(os.path.join(rec["code"], "training", "trainer.py"))
+    assert os.path.exists(os.path.join(rec["code"], "decmem", "training", "trainer.py"))
     assert os.path.exists(os.path.join(rec["code"], "run.yaml"))
-    jobs = subprocess.run([sys.executable, "-m", "cli", "jobs", run_dir], cwd=ROOT, capture_output=True,
+    jobs = subprocess.run([sys.executable, "-m", "decmem.cli", "jobs", run_dir], cwd=ROOT, capture_output=True,
                           text=True, timeout=60).stdout
     assert f"{job}" in jobs and "COMPLETED" in jobs and f"step {STEPS}" in jobs and "tensorboard --logdir" in jobs
 
@@ -143,7 +143,7 @@ def test_a_crashing_task_fails_the_job_quickly(slurm, data, tmp_path):
 
 
 def test_dry_run_for_4_nodes_x_8_gpus(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cli", "submit", os.path.join(ROOT, "configs", "paper.yaml"),
+    r = subprocess.run([sys.executable, "-m", "decmem.cli", "submit", os.path.join(ROOT, "configs", "paper.yaml"),
                         f"run_dir={tmp_path}/paper", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
                         "--time", "1440", "--account", "proj", "--qos", "high", "--constraint", "a100", "--mem", "400G",
                         "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -160,7 +160,7 @@ def test_dry_run_for_4_nodes_x_8_gpus(tmp_path):
 def test_local_cluster_runs_the_same_job_without_slurm(data, tmp_path):
     """--cluster local: the same submitit job function, 2 local processes, no SLURM involved."""
     run_dir = str(tmp_path / "run")
-    r = subprocess.run([sys.executable, "-m", "cli", "submit", CONFIG, f"run_dir={run_dir}", f"data.data={data}",
+    r = subprocess.run([sys.executable, "-m", "decmem.cli", "submit", CONFIG, f"run_dir={run_dir}", f"data.data={data}",
                         "train.steps=6", "checkpoint.every_steps=3", "log.progress=false", "--cluster", "local",
                         "--tasks-per-node", "2", "--wait", "200"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "FINISHED" in r.stdout, r.stdout + r.stderr[-3000:]
@@ -168,3 +168,19 @@ def test_local_cluster_runs_the_same_job_without_slurm(data, tmp_path):
     out = logs(run_dir, job)
     assert "rank 0/2" in out[0] and "rank 1/2" in out[1]
     assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step-6"
+
+
+def test_the_job_imports_the_snapshot_not_the_installation(tmp_path):
+    """The snapshot lays the folders out as installed (decmem/<folder>/); first on PYTHONPATH, it wins over the
+    installed (or editable) decmem, so edits to the checkout after submission do not reach the job."""
+    from decmem.slurm import submit
+
+    code = submit.snapshot_code(str(tmp_path / "code"))
+    r = subprocess.run([sys.executable, "-c", "import decmem.slurm.job as j, decmem.training.config as c; "
+                        "print(j.__file__); print(c.__file__)"], cwd=code, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": code}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(os.path.realpath(f).startswith(os.path.realpath(code) + os.sep) for f in r.stdout.split()), r.stdout
+    # from a checkout (editable install) the other tracked files keep their paths; a wheel has no configs/ to copy
+    if os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(submit.__file__)), "configs")):
+        assert os.path.isfile(os.path.join(code, "configs", "debug.yaml"))

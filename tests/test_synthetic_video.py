@@ -6,9 +6,9 @@ import av
 import numpy as np
 import pytest
 
-from data_pipeline.clip import load_clip, save_clip, validate_clip
-from data_pipeline.synthetic import ROOM_HALF, intrinsics, render_frames, revisit_path, synthetic_clip, texture
-from data_pipeline.video import frame_strip, read_mp4, side_by_side, write_mp4, write_png
+from decmem.data_pipeline.clip import load_clip, save_clip, validate_clip
+from decmem.data_pipeline.synthetic import ROOM_HALF, intrinsics, render_frames, revisit_path, synthetic_clip, texture
+from decmem.data_pipeline.video import frame_strip, read_mp4, side_by_side, write_mp4, write_png
 
 R = ROOM_HALF
 

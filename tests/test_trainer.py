@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data_pipeline.loader import DataArgs, ShardLoader
-from training.distributed import free_port
+from decmem.data_pipeline.loader import DataArgs, ShardLoader
+from decmem.training.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DECMEM = [sys.executable, "-m", "cli"]
+DECMEM = [sys.executable, "-m", "decmem.cli"]
 CONFIG = os.path.join(ROOT, "configs", "debug.yaml")
 
 
@@ -78,7 +78,7 @@ def test_two_process_run_learns_checkpoints_and_logs(straight):
     info = json.load(open(os.path.join(ck, "step-24", "trainstate.json")))
     assert info["step"] == STEPS and info["layout"] == {"world": 2, "dp": 2, "cp": 1}
     assert sorted(os.listdir(os.path.join(ck, "step-24", "trainstate"))) == ["rank-00000.pt", "rank-00001.pt"]
-    from training.weights import load_weights
+    from decmem.training.weights import load_weights
 
     model, wcfg = load_weights(os.path.join(ck, "step-24", "weights"))
     assert wcfg.frame_hw == [16, 16] and wcfg.codec == "pixels"
@@ -231,10 +231,10 @@ def test_gradient_accumulation(tmp_path, data):
 
 
 def test_deepspeed_launcher(tmp_path, data):
-    """`deepspeed --num_gpus 2 --module cli train ...` (it passes --local_rank before the subcommand)."""
+    """`deepspeed --num_gpus 2 --module decmem.cli train ...` (it passes --local_rank before the subcommand)."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     run_dir = str(tmp_path / "ds")
-    r = subprocess.run([launcher, "--num_gpus", "2", "--module", "cli", "train", CONFIG, f"run_dir={run_dir}",
+    r = subprocess.run([launcher, "--num_gpus", "2", "--module", "decmem.cli", "train", CONFIG, f"run_dir={run_dir}",
                         f"data.data={data}", "train.steps=2", "log.progress=false"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

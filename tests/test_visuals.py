@@ -6,7 +6,14 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from training.visuals import add_gif, add_heatmap, heatmap_image, retrieval_heatmap, side_by_side_gif, to_rgb_frames
+from decmem.training.visuals import (
+    add_gif,
+    add_heatmap,
+    heatmap_image,
+    retrieval_heatmap,
+    side_by_side_gif,
+    to_rgb_frames,
+)
 
 
 def _loop_reference(layers, chunk_frames, blocks_per_frame, bank_frames):

@@ -19,10 +19,10 @@ def run_steps(rank: int, world: int, port: int, config: str, overrides: list[str
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch.distributed as dist
 
-    from training.config import load_config
-    from training.distributed import init_distributed
-    from training.run_config import RunConfig
-    from training.trainer import Trainer, gather_state_dict
+    from decmem.training.config import load_config
+    from decmem.training.distributed import init_distributed
+    from decmem.training.run_config import RunConfig
+    from decmem.training.trainer import Trainer, gather_state_dict
 
     cfg = load_config(RunConfig, config, overrides)
     init_distributed("cpu", 120)

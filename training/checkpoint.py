@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import write_bytes_atomic
-from training.distributed import RunFailed
-from training.faults import maybe_kill_in_save
-from training.weights import file_sha256 as _sha256
+from decmem.data_pipeline.storage import write_bytes_atomic
+from decmem.training.distributed import RunFailed
+from decmem.training.faults import maybe_kill_in_save
+from decmem.training.weights import file_sha256 as _sha256
 
 log = logging.getLogger("decmem.checkpoint")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.retrieval import topk_blocks
+from decmem.model.retrieval import topk_blocks
 
 #################################################################################
 #                                    Layout                                     #

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline import storage
-from model.dit import VideoDiT
-from training.context_parallel import Layout, shard_range
-from training.validate import (
+from decmem.data_pipeline import storage
+from decmem.model.dit import VideoDiT
+from decmem.training.context_parallel import Layout, shard_range
+from decmem.training.validate import (
     bank_frames,
     check_data,
     local_bank_frames,

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_pipeline.loader import DataArgs
-from model.diffusion import DiffusionArgs
-from model.dit import ModelArgs
-from training.checkpoint import CheckpointArgs
-from training.config import register_root
-from training.metrics import LogArgs
-from training.optim import OptimArgs
-from training.trainer import TrainArgs
+from decmem.data_pipeline.loader import DataArgs
+from decmem.model.diffusion import DiffusionArgs
+from decmem.model.dit import ModelArgs
+from decmem.training.checkpoint import CheckpointArgs
+from decmem.training.config import register_root
+from decmem.training.metrics import LogArgs
+from decmem.training.optim import OptimArgs
+from decmem.training.trainer import TrainArgs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 

@@ -58,12 +58,12 @@ import torch.nn as nn
 import yaml
 from torch.utils.checkpoint import checkpoint
 
-from data_pipeline import storage
-from data_pipeline.loader import ShardLoader, resolve_shards
-from model.diffusion import DiffusionArgs, rectified_flow_loss
-from model.dit import VideoDiT
-from model.rollout import rollout
-from training.checkpoint import (
+from decmem.data_pipeline import storage
+from decmem.data_pipeline.loader import ShardLoader, resolve_shards
+from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
+from decmem.model.dit import VideoDiT
+from decmem.model.rollout import rollout
+from decmem.training.checkpoint import (
     CheckpointRefused,
     TrainState,
     describe_write_error,
@@ -73,15 +73,15 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.config import dump_config, to_dict
-from training.context_parallel import CPMemory, Layout, build_groups
-from training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
-from training.faults import maybe_fail, maybe_kill, maybe_nan
-from training.metrics import MetricLogger
-from training.optim import build_optimizer, build_scheduler
-from training.validate import resolve_precision, validate
-from training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
-from training.weights import load_weights, save_weights
+from decmem.training.config import dump_config, to_dict
+from decmem.training.context_parallel import CPMemory, Layout, build_groups
+from decmem.training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
+from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
+from decmem.training.metrics import MetricLogger
+from decmem.training.optim import build_optimizer, build_scheduler
+from decmem.training.validate import resolve_precision, validate
+from decmem.training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
+from decmem.training.weights import load_weights, save_weights
 
 log = logging.getLogger("decmem.train")
 

@@ -11,12 +11,12 @@ import tarfile
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_pipeline import storage
-from data_pipeline.loader import ShardLoader, resolve_shards
-from data_pipeline.shards import npy_load
-from model.blocks import BlockLayout
-from training.context_parallel import shard_range
-from training.distributed import resolve_device
+from decmem.data_pipeline import storage
+from decmem.data_pipeline.loader import ShardLoader, resolve_shards
+from decmem.data_pipeline.shards import npy_load
+from decmem.model.blocks import BlockLayout
+from decmem.training.context_parallel import shard_range
+from decmem.training.distributed import resolve_device
 
 
 def resolve_device_precision(train) -> tuple[str, str, str]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.diffusion import DiffusionArgs
-from model.dit import ModelArgs, VideoDiT
-from training.config import ConfigError, dump_config, load_config
+from decmem.model.diffusion import DiffusionArgs
+from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.training.config import ConfigError, dump_config, load_config
 
 FORMAT = "decmem-weights/1"
 

@@ -7,7 +7,7 @@ Every module in ``READERS`` has the same interface:
                                        problems raise ValueError / FileNotFoundError naming the file and
                                        the line (text) or key (npz / json) and what was expected.
 """
-from data_pipeline.readers import memory_maze, nerfstudio, re10k, worldmem
+from decmem.data_pipeline.readers import memory_maze, nerfstudio, re10k, worldmem
 
 READERS = {"re10k": re10k, "nerfstudio": nerfstudio, "worldmem": worldmem, "memory_maze": memory_maze}
 

@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import get_key, intrinsics, load_npz, make_id, rigid, unique_ids, walk_files
+from decmem.data_pipeline.clip import validate_clip
+from decmem.data_pipeline.readers._common import get_key, intrinsics, load_npz, make_id, rigid, unique_ids, walk_files
 
 SOURCE = "memory_maze"
 VFOV_DEG = 80.0

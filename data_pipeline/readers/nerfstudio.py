@@ -28,8 +28,15 @@ import os
 import numpy as np
 from PIL import Image
 
-from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import intrinsics, make_id, natural_key, rotation_problem, unique_ids, walk_files
+from decmem.data_pipeline.clip import validate_clip
+from decmem.data_pipeline.readers._common import (
+    intrinsics,
+    make_id,
+    natural_key,
+    rotation_problem,
+    unique_ids,
+    walk_files,
+)
 
 SOURCE = "nerfstudio"
 DEFAULT_FPS = 30.0

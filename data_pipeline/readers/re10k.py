@@ -28,8 +28,15 @@ import os
 
 import numpy as np
 
-from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import decode_at, intrinsics, make_id, rotation_problem, unique_ids, walk_files
+from decmem.data_pipeline.clip import validate_clip
+from decmem.data_pipeline.readers._common import (
+    decode_at,
+    intrinsics,
+    make_id,
+    rotation_problem,
+    unique_ids,
+    walk_files,
+)
 
 SOURCE = "re10k"
 VIDEO_EXTS = (".mp4", ".webm", ".mkv")

@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from data_pipeline.clip import validate_clip
-from data_pipeline.readers._common import (
+from decmem.data_pipeline.clip import validate_clip
+from decmem.data_pipeline.readers._common import (
     decode_all,
     get_key,
     intrinsics,
