@@ -10,20 +10,13 @@ import platform
 import sys
 import textwrap
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from decmem.evaluation.figures import figure  # the one off-screen figure helper
 
 #################################################################################
 #                                 Figure helpers                                #
 #################################################################################
-
-def figure(cols: int, size: tuple[float, float]):
-    """A matplotlib Figure with 1 x cols axes, drawn off-screen."""
-    fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(1, cols, squeeze=False)[0])
-
 
 def line_plot(ax, series: dict, title: str, xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
               styles: dict | None = None) -> None:
@@ -126,7 +119,7 @@ def _by_strategy(rows, y: str, keep=lambda r: True) -> dict:
 
 def plot_attention(rows: list[dict], path: str) -> None:
     """Median ms of one attention layer vs bank frames, one line per strategy (log-log)."""
-    fig, (ax,) = figure(1, (7, 4.8))
+    fig, [(ax,)] = figure(1, 1, (7, 4.8))
     r0 = rows[0] if rows else {}
     mode = "fwd+bwd" if r0.get("backward") else "fwd"
     line_plot(ax, _by_strategy(rows, "median_ms"),
@@ -138,7 +131,7 @@ def plot_attention(rows: list[dict], path: str) -> None:
 
 def plot_generate(rows: list[dict], path: str) -> None:
     """Median seconds per generated latent vs bank latents, one line per strategy."""
-    fig, (ax,) = figure(1, (7, 4.8))
+    fig, [(ax,)] = figure(1, 1, (7, 4.8))
     r0 = rows[0] if rows else {}
     line_plot(ax, _by_strategy(rows, "sec_per_latent"),
               f"Generation: {r0.get('model_size')} model, {r0.get('sample_steps')} Euler steps, "
@@ -150,7 +143,7 @@ def plot_generate(rows: list[dict], path: str) -> None:
 
 def plot_cp(rows: list[dict], path: str) -> None:
     """Left: bytes per layer moved by the cp query read vs a K/V all-gather, vs cp. Right: bank MiB per rank vs cp."""
-    fig, (a, b) = figure(2, (12, 4.8))
+    fig, [(a, b)] = figure(1, 2, (12, 4.8))
     banks = sorted({r["bank_frames"] for r in rows})
     moved, mem, styles = {}, {}, {}
     for i, T in enumerate(banks):
@@ -181,7 +174,7 @@ def plot_cp(rows: list[dict], path: str) -> None:
 
 def plot_data(rows: list[dict], path: str) -> None:
     """Left: samples/s of the loader per source next to what the trainer consumes. Right: preprocess frames/s."""
-    fig, (a, b) = figure(2, (11, 4.8))
+    fig, [(a, b)] = figure(1, 2, (11, 4.8))
     feed = [r for r in rows if r["what"] in ("loader", "trainer")]
     labels = [("loader " if r["what"] == "loader" else "trainer: ") + r["variant"] for r in feed]
     vals = [r["samples_per_s"] for r in feed]
@@ -198,7 +191,7 @@ def plot_data(rows: list[dict], path: str) -> None:
 
 def plot_train(rows: list[dict], path: str) -> None:
     """Left: training tokens/s vs bank frames per strategy. Right: longest bank under the memory budget per strategy."""
-    fig, (a, b) = figure(2, (12, 4.8))
+    fig, [(a, b)] = figure(1, 2, (12, 4.8))
     r0 = next((r for r in rows if r.get("kind") == "point" and r.get("status") == "ok"), {})
     line_plot(a, _by_strategy(rows, "tokens_per_s", lambda r: r.get("kind") == "point" and r.get("status") == "ok"),
               f"Training steps: {r0.get('model_size')} model, batch {r0.get('batch')}, "

@@ -340,7 +340,7 @@ def plot_memory(rows: list[dict], path: str) -> None:
     tau = max(float(k[len("loss_tau"):]) for k in rows[0] if k.startswith("loss_tau") and k[-4:] not in ("_min", "_max"))
     key = f"loss_tau{tau:g}"
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    fig, (a, b) = figure(2, (13, 5))
+    fig, [(a, b)] = figure(1, 2, (13, 5))
     # one colour per run in both panels (the recall panel has no window/dense line, so cycling would shift them)
     styles = {n: {"color": f"C{i % 10}"} for i, n in enumerate(n for n in runs if n != "window")}
     styles["window"] = {"color": "k", "linestyle": "--", "marker": ""}

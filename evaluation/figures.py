@@ -11,8 +11,9 @@ from matplotlib.figure import Figure
 LONG_FRAMES = 64        # frames.png: longer rollouts get the smoothed PSNR-only view
 
 
-def _figure(rows: int, cols: int, size: tuple[float, float]):
-    """A matplotlib Figure drawn off-screen (Agg): no display, no global pyplot state."""
+def figure(rows: int, cols: int, size: tuple[float, float]):
+    """A matplotlib Figure with a rows x cols array of axes (2-D, also for 1 x 1), drawn off-screen (Agg): no
+    display, no global pyplot state. The one figure helper: the eval figures here and bench/figures.py use it."""
     fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False)
@@ -49,7 +50,7 @@ def plot_frames(path: str, clips: list[dict], strategies: list[str]) -> int:
     long = n > LONG_FRAMES
     w = max(3, 2 * (n // 120) + 1) if long else 1                                   # odd: centred on the frame
     panels = [("psnr", "PSNR (dB)")] + ([] if long else [("ssim", "SSIM")])
-    fig, ax = _figure(len(panels), 1, (12, 4.5) if long else (8, 6))
+    fig, ax = figure(len(panels), 1, (12, 4.5) if long else (8, 6))
     for a, (metric, unit) in zip(ax[:, 0], panels):
         for name in strategies:
             y = _smooth(_per_strategy(clips, name, metric), w)
@@ -75,7 +76,7 @@ def plot_frames(path: str, clips: list[dict], strategies: list[str]) -> int:
 def plot_dispersion(path: str, clips: list[dict], strategies: list[str]) -> None:
     """Attention dispersion per generated latent (mean over clips), one line per strategy: the memory read's mass
     on weak keys (< 0.02) above, on strong keys (> 0.05) below."""
-    fig, ax = _figure(2, 1, (8, 6))
+    fig, ax = figure(2, 1, (8, 6))
     for a, key, title in ((ax[0, 0], "dispersion_low", "mass on weak keys (weight < 0.02)"),
                           (ax[1, 0], "dispersion_high", "mass on strong keys (weight > 0.05)")):
         for name in strategies:
@@ -94,7 +95,7 @@ def plot_dispersion(path: str, clips: list[dict], strategies: list[str]) -> None
 
 def plot_chunk_seconds(path: str, clips: list[dict], strategies: list[str]) -> None:
     """Wall seconds per generated chunk (mean over clips) against the chunk's index, one line per strategy."""
-    fig, ax = _figure(1, 1, (8, 4))
+    fig, ax = figure(1, 1, (8, 4))
     a = ax[0, 0]
     for name in strategies:
         y = _per_strategy(clips, name, "chunk_seconds")
@@ -120,7 +121,7 @@ def plot_heatmaps(path: str, clip: dict, strategies: list[str], truth: str) -> b
         return False
     scored = clip.get("scored_frames") or list(range(len(panels[0][1])))
     ticks = np.unique(np.linspace(0, len(scored) - 1, min(6, len(scored))).round().astype(int))
-    fig, ax = _figure(1, len(panels), (3.2 * len(panels), 3.4))
+    fig, ax = figure(1, len(panels), (3.2 * len(panels), 3.4))
     for a, (title, m) in zip(ax[0], panels):
         im = a.imshow(m / max(m.max(), 1e-12), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
         a.set_title(title, fontsize=9)
