@@ -16,8 +16,12 @@ class DiffusionArgs:
     shift: float = 1.0                # τ' = shift·τ / (1 + (shift-1)·τ): >1 spends more steps at high noise
     window_dropout: float = 0.0       # training: chance that a target chunk of a sample loses its ALM window, so that
                                       # the loss can only be lowered by what SGM reads from older frames
+    memory_noise: float = 0.0         # training: each bank frame is noised to τ_m ~ U(0, memory_noise) and encoded at
+                                      # τ_m, so reads learn to cope with imperfect history (at inference: generated)
 
     def __post_init__(self):
+        if not 0.0 <= self.memory_noise < 1.0:
+            raise ValueError(f"memory_noise: expected a noise level in [0, 1), got {self.memory_noise}")
         if not 0.0 <= self.window_dropout < 1.0:
             raise ValueError(f"window_dropout: expected a probability in [0, 1), got {self.window_dropout}")
         if self.sample_steps < 1:
@@ -58,7 +62,8 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     chunk reads only the frames before its own start. ``generator``: one, or a list
     with one per sample (then the loss of a sample does not depend on its batch).
     With ``args.window_dropout`` > 0 each (chunk, sample) first draws whether it keeps
-    its ALM window; the draw comes from the same generators, so every cp rank agrees.
+    its ALM window; with ``args.memory_noise`` > 0 every bank frame is first noised. The
+    draws come from the same generators, for the whole bank, so every cp rank agrees.
     """
     B, T = latents.shape[:2]
     C = model.args.chunk_frames
@@ -70,7 +75,13 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     if last:
         # under context parallelism each rank encodes only its shard [lo, hi) of the bank frames
         lo, hi = ctx.shard(last) if ctx is not None else (0, last)
-        bank = model.encode_memory(latents[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, act(lo, hi), ctx=ctx)
+        mem, tau_m = latents[:, :last], None
+        if args.memory_noise > 0:                   # drawn for every bank frame, then sliced: ranks agree
+            tau_m = rand((B, last), generator, latents.dtype, latents.device) * args.memory_noise       # [B, last]
+            eps_m = randn(mem.shape, generator, mem.dtype, mem.device)
+            mem = (1 - tau_m.view(B, last, 1, 1, 1)) * mem + tau_m.view(B, last, 1, 1, 1) * eps_m
+            tau_m = tau_m[:, lo:hi]
+        bank = model.encode_memory(mem[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, act(lo, hi), ctx=ctx, tau=tau_m)
     losses, stats = [], {}
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]

@@ -273,11 +273,12 @@ class VideoDiT(nn.Module):
     # ----------------------------------------------------------------------------
 
     def encode_memory(self, latents, K, c2w, frame_offset: int = 0, actions=None, past: MemoryBank | None = None,
-                      ctx: MemoryContext | None = None) -> MemoryBank:
-        """Memory stream over clean frames [frame_offset, frame_offset + T) -> their MemoryBank.
+                      ctx: MemoryContext | None = None, tau: torch.Tensor | None = None) -> MemoryBank:
+        """Memory stream over frames [frame_offset, frame_offset + T) -> their MemoryBank.
 
         past: the bank holding the frames just before (streaming generation): its
         last W-1 frames' K/V of each layer serve as the local window's keys.
+        tau: [B, T] noise level of each frame (training with DiffusionArgs.memory_noise); None: clean (τ = 0).
         """
         B, T = latents.shape[:2]
         h, w = latents.shape[-2:]
@@ -286,7 +287,7 @@ class VideoDiT(nn.Module):
         frames = frame_offset + torch.arange(T)
         x = self.embed(latents, K, c2w, frames)
         pos = self.positions(K, c2w, frames, (h, w))
-        c = self.condition(latents.new_zeros(B, T), actions)                           # clean: τ = 0
+        c = self.condition(latents.new_zeros(B, T) if tau is None else tau.to(latents.dtype), actions)   # [B, T, D]
         layers = []
         for i, block in enumerate(self.blocks):
             prev = past.last_kv(i, W - 1) if past is not None else None

@@ -42,9 +42,10 @@ def batch(T: int, dtype, seed=1, repeat_frames=None):
     return lat, K, c2w
 
 
-def loss_and_grads(model, lat, K, c2w, starts, ctx, seed=3, window_dropout=0.0):
+def loss_and_grads(model, lat, K, c2w, starts, ctx, seed=3, window_dropout=0.0, memory_noise=0.0):
     model.zero_grad(set_to_none=True)
-    loss, stats = rectified_flow_loss(model, lat, K, c2w, starts, DiffusionArgs(window_dropout=window_dropout),
+    diff = DiffusionArgs(window_dropout=window_dropout, memory_noise=memory_noise)
+    loss, stats = rectified_flow_loss(model, lat, K, c2w, starts, diff,
                                       generator=torch.Generator().manual_seed(seed), ctx=ctx, return_stats=False)
     loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
@@ -67,10 +68,10 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
                                case.get("camera", "plucker"), case.get("top_k", 3), case.get("window", 3),
                                position=case.get("position", "sincos"), coarse=case.get("coarse", False))
             lat, K, c2w = batch(case["T"], dtype, repeat_frames=case.get("repeat"))
-            drop = case.get("window_dropout", 0.0)
-            ref_loss, ref_grads, ref_stats = loss_and_grads(model, lat, K, c2w, case["starts"], None, window_dropout=drop)
+            aug = dict(window_dropout=case.get("window_dropout", 0.0), memory_noise=case.get("memory_noise", 0.0))
+            ref_loss, ref_grads, ref_stats = loss_and_grads(model, lat, K, c2w, case["starts"], None, **aug)
             ctx = CPMemory(cp_group, layout.cp_rank, layout.cp)
-            loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx, window_dropout=drop)
+            loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx, **aug)
             name = f"{case} rank {rank}"
             with torch.no_grad():                              # the query stream's output itself, not only the loss
                 t0, C = case["starts"][-1], model.args.chunk_frames

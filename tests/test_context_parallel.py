@@ -22,6 +22,8 @@ CASES = [
     dict(strategy="decmem", T=10, starts=[4, 8], merge="joint", coarse=True, top_k=1),   # coarse candidates on few ranks
     dict(strategy="decmem", T=12, starts=[4, 6, 8, 10], merge="residual", coarse=True, camera="prope", position="rope",
          window_dropout=0.5),                                           # chunks 4 and 6 lose their window, 8 and 10 keep it
+    dict(strategy="decmem", T=11, starts=[7, 9], merge="residual", coarse=True, camera="prope", position="rope",
+         memory_noise=0.5),                                             # noisy bank frames, drawn once for all ranks
     dict(strategy="dense", T=9, starts=[7], camera="prope", position="rope"),
     dict(strategy="dense_decay", T=9, starts=[4, 7]),
     dict(strategy="window", T=9, starts=[7]),

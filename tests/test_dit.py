@@ -66,6 +66,29 @@ def test_window_dropout_is_drawn_per_sample_and_only_drops_the_window():
         DiffusionArgs(window_dropout=1.0)
 
 
+def test_memory_noise_encodes_noised_frames_at_their_noise_level():
+    m = tiny()
+    g = torch.Generator().manual_seed(6)
+    lat = torch.randn(2, 10, 3, 8, 8, generator=g, dtype=F64)
+    K, c2w = cameras(2, 10)
+    clean = m.encode_memory(lat, K, c2w)
+    zero = m.encode_memory(lat, K, c2w, tau=torch.zeros(2, 10, dtype=F64))
+    torch.testing.assert_close(zero.layer(0).k, clean.layer(0).k, atol=0, rtol=0)      # τ = 0 is the clean stream
+    noisy = m.encode_memory(lat, K, c2w, tau=torch.full((2, 10), 0.3, dtype=F64))
+    assert (noisy.layer(0).k - clean.layer(0).k).abs().max() > 1e-3                    # the level is seen
+
+    def loss(p, idx=(0, 1)):
+        gens = [torch.Generator().manual_seed(200 + i) for i in idx]
+        i = list(idx)
+        return rectified_flow_loss(m, lat[i], K[i], c2w[i], [6, 8], DiffusionArgs(memory_noise=p), generator=gens)[0]
+
+    # per-sample draws: a sample's loss does not depend on its batch; noise levels -> 0 and 0.9 use the same draws
+    torch.testing.assert_close(loss(0.5), (loss(0.5, (0,)) + loss(0.5, (1,))) / 2, atol=1e-6, rtol=0)
+    assert abs(loss(1e-9).item() - loss(0.9).item()) > 2e-5
+    with pytest.raises(ValueError, match="memory_noise"):
+        DiffusionArgs(memory_noise=1.0)
+
+
 # ------------------------------------------------------------------------------------
 # Memory bank: parallel pass == streaming encode
 # ------------------------------------------------------------------------------------
