@@ -1,6 +1,6 @@
 """Teacher-forced diagnostic: velocity loss on held-out chunks with SGM on vs off (same weights).
 
-Run from the repo root: python runs/rendered/tf/tf_loss.py A=DIR H=DIR ...
+Run from the repo root: python docs/bench/rendered/tf/tf_loss.py A=DIR H=DIR ...
 Chunks t0 = 24, 26, ..., 62 of 8 held-out clips; the bank holds the ground truth [0, t0); fixed noise per
 (clip, chunk, tau). A chunk counts as 'revisit' when >= 50% of its frames' pixels were seen by a frame >= 8 older
 (depth rule, as decmem eval) and 'far revisit' when the frames inside the ALM window (t0-3..t0-1) show < 50%.
@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import torch
 
-from data_pipeline.clip import iter_clip_sources
-from model.codec import make_codec
-from training.generate import clip_inputs
-from training.overlap import coverage
-from training.weights import load_weights
+from decmem.data_pipeline.clip import iter_clip_sources
+from decmem.data_pipeline.overlap import coverage
+from decmem.evaluation.generate import clip_inputs
+from decmem.model.codec import make_codec
+from decmem.training.weights import load_weights
 
 torch.set_num_threads(1)
 runs = dict(a.split("=", 1) for a in sys.argv[1:])
