@@ -1,5 +1,4 @@
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +21,9 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    """Rendered MiniWorld scenes at 16x16 in 4 shards (enough for 2 dp ranks): the trainer's and SLURM tests' dataset."""
+    """Rendered MiniWorld scenes at 16x16 in 4 shards (enough for 2 dp ranks): the trainer's tests' dataset."""
+    import subprocess
+
     out = tmp_path_factory.mktemp("render") / "data"
     subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
                     "scenes=4,frames=48,hw=16x16,seed=0", str(out), "--segment-frames", "24", "--shard-bytes", "40KB",

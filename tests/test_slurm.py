@@ -44,6 +44,15 @@ def slurm(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("render") / "data"
+    subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
+                    "scenes=4,frames=48,hw=16x16,seed=0", str(out), "--segment-frames", "24", "--shard-bytes", "40KB",
+                    "--quiet"], check=True, cwd=ROOT)
+    return str(out)
+
+
 def submit(run_dir, data, *overrides, env=None, extra=()):
     r = subprocess.run([sys.executable, "-m", "decmem.cli", "submit", CONFIG, f"run_dir={run_dir}",
                         f"data.data={data}", *COMMON, *overrides, "--tasks-per-node", "2", "--time", "10", *extra],
