@@ -7,7 +7,8 @@ room-centre lines, looks around, walks through doorways and returns to exact ear
 an exact revisit renders a pixel-identical frame (``revisit_of`` marks them). The spec key ``path``
 picks how: "tour" (default) mostly returns after long gaps; "revisit" keeps coming back to views of a
 few to ~20 frames before, so that training samples need the model's long-term memory
-(``revisit_fraction`` measures this from depth and poses).
+(``revisit_fraction`` measures this from depth and poses); "return" cuts between a few views 90 deg or
+more apart, so that on coming back nothing in the last few frames shows the view: only memory has it.
 
 Conventions of ``read``'s clip (DESIGN §2.1):
   * world frame = MiniWorld's: metres, y up, floor at y = 0; the camera is 1.5 m above the floor.
@@ -43,7 +44,7 @@ FOV_Y = 60.0                   # MiniWorld's default vertical field of view (deg
 ROOM, DOOR = 4.0, 1.6          # room side, doorway width (m)
 MOVE, TURN, TILT = 0.2, 9.0, 3.0   # per-frame steps: metres, yaw degrees, pitch degrees
 DEFAULTS = {"scenes": 4, "frames": 128, "hw": [64, 64], "seed": 0, "path": "tour"}
-PATHS = ("tour", "revisit")    # camera path kinds (see _path)
+PATHS = ("tour", "revisit", "return")    # camera path kinds (see _path)
 
 # Room i has its centre at CENTRES[i]; rooms i and i+1 (mod 4) share a wall with a doorway.
 CENTRES = ROOM / 2 * np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
@@ -367,17 +368,69 @@ def _revisit(track: _Track, rng, nbrs: dict, room: int, frames: int):
             moves[int(rng.choice(len(moves), p=[0.6, 0.2, 0.05, 0.07, 0.05, 0.03]))]()
 
 
+def _return(track: _Track, rng, nbrs: dict, room: int, frames: int, recent: int = 20):
+    """Path kind "return": 2-5 frames of small pans (within a turn step) and tilts at one view, then a cut (one frame) to another view:
+    back to one left at most ``recent`` frames ago (60%), else a new one. Views that share a position are >= 90 deg
+    of yaw apart (the frame is 60 deg wide), so on coming back the frames just before show nothing of the view:
+    what the camera sees again only long-term memory holds (``revisit_fraction``'s ``far``). A new view is a new
+    heading at the current position when one is free, else the centre of a neighbouring room.
+
+    The "revisit" path never has this: it moves at most a turn step a frame, so the last 3 frames always show
+    most of what comes back. Cuts are camera jumps, as in edited video or a game's teleport; the poses say where.
+    A return lands on the view's first pose exactly (a pixel-identical frame, ``revisit_of``).
+    """
+    poses = track.poses
+    views, last, cur = [poses[-1]], {0: 0}, 0                           # view poses; view -> last frame at it
+
+    def dwell():
+        """2-5 frames of small moves around the view: yaw by up to a turn step but never more than one from the view's
+        own (so views stay apart), pitch by a tilt step (|pitch| <= 12)."""
+        for _ in range(int(rng.integers(2, 6))):
+            x, z, yaw, pitch = poses[-1]
+            dyaw, dp = 0.0, 0.0
+            while dyaw == 0.0 and dp == 0.0:
+                dyaw = TURN * float(rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0]))
+                if abs(_wrap(yaw + dyaw - views[cur][2])) > TURN:
+                    dyaw = 0.0
+                dp = TILT * float(rng.choice([-1.0, 0.0, 1.0])) if abs(pitch) < 12 else -TILT * math.copysign(1.0, pitch)
+            track._add((x, z, _wrap(yaw + dyaw), pitch + dp))
+
+    def new_view():
+        """A heading >= 90 deg from every recent view at this position, else at a neighbouring room's centre."""
+        here = tuple(map(float, views[cur][:2]))
+        for x, z in [here] + [tuple(map(float, CENTRES[r])) for r in rng.permutation(nbrs[room])]:
+            taken = [views[i][2] for i, t in last.items() if t >= len(poses) - recent and views[i][:2] == (x, z)]
+            free = [a for a in np.arange(-180.0, 180.0, TURN) if all(abs(_wrap(a - b)) >= 90.0 for b in taken)]
+            if free:
+                return (x, z, float(rng.choice(free)), float(rng.choice([0.0, 0.0, -6.0, 6.0])))
+        return None                                                     # every heading near a recent view
+
+    while len(poses) < frames:
+        dwell()
+        last[cur] = len(poses) - 1
+        back = [i for i, t in last.items() if i != cur and t >= len(poses) - recent]
+        view = None if back and rng.random() < 0.6 else new_view()
+        if view is None:
+            cur = int(rng.choice(back))                                 # back is never empty when nothing is free
+        else:
+            views.append(view)
+            cur = len(views) - 1
+        room = _room_of(*views[cur][:2])
+        track.visit += 1
+        track._add(views[cur])                                          # the cut
+
+
 def _path(scene: dict, frames: int, seed: int, kind: str = "tour") -> np.ndarray:
     """Camera poses float64 [frames, 4] = (x, z, yaw deg, pitch deg) on the room-centre lines.
 
-    ``kind`` "tour" (``_tour``: the default, and the path of every dataset rendered before ``path`` existed) or
-    "revisit" (``_revisit``); both start from the same random room and heading.
+    ``kind`` "tour" (``_tour``: the default, and the path of every dataset rendered before ``path`` existed),
+    "revisit" (``_revisit``) or "return" (``_return``); all start from the same random room and heading.
     """
     rng = np.random.default_rng([seed, 0xCA11])
     nbrs = {i: [b if a == i else a for a, b in scene["links"] if i in (a, b)] for i in range(4)}
     room = int(rng.integers(4))
     track = _Track((*CENTRES[room], float(np.round(rng.uniform(-180, 180))), 0.0))
-    {"tour": _tour, "revisit": _revisit}[kind](track, rng, nbrs, room, frames)
+    {"tour": _tour, "revisit": _revisit, "return": _return}[kind](track, rng, nbrs, room, frames)
     return np.array(track.poses[:frames], dtype=np.float64)
 
 
@@ -512,6 +565,8 @@ def revisit_fraction(clip: dict, window: int, clip_frames: int, coverage_min: fl
       in_window fraction of frames with < new_min new content (walking ahead, small tilts: the window has it);
       covered   fraction of pairs where older frames of the sample see >= coverage_min of the whole frame, new or
                 not (high for any smooth path: frame t-window mostly shows what t-1 does);
+      far       fraction of pairs where the window sees less than coverage_min of frame t, yet older frames of
+                the sample see >= coverage_min of the rest: most of the frame only long-term memory can supply
       returns   fraction of frames t >= clip_frames whose new content against the clip_frames - 1 frames before
                 was seen by frames >= clip_frames back: coming back after more than a sample;
       samples   how many samples.
@@ -548,6 +603,8 @@ def revisit_fraction(clip: dict, window: int, clip_frames: int, coverage_min: fl
     pairs = [(w, t) for w in range(T - clip_frames + 1) for t in range(w + window, w + clip_frames)]
     gaps = [r[t] for w, t in pairs if r[t] is not None and r[t] <= t - w]
     covered = [r_all[t] is not None and r_all[t] <= t - w for w, t in pairs]
+    mostly_new = {t: m is not None and m.sum() > (1 - coverage_min) * valid[t].sum() for t, m in masks.items()}
+    far = [mostly_new[t] and r[t] is not None and r[t] <= t - w for w, t in pairs]
     back = []
     for t in range(clip_frames, T):
         m = new(t, clip_frames)
@@ -555,4 +612,5 @@ def revisit_fraction(clip: dict, window: int, clip_frames: int, coverage_min: fl
     return {"revisit": len(gaps) / len(pairs), "gap": float(np.mean(gaps)) if gaps else 0.0,
             "novel": float(np.mean([masks[t] is not None and r[t] is None for t in masks])),
             "in_window": float(np.mean([m is None for m in masks.values()])), "covered": float(np.mean(covered)),
+            "far": float(np.mean(far)),
             "returns": float(np.mean(back)) if back else 0.0, "samples": T - clip_frames + 1}

@@ -66,8 +66,11 @@ RETRIEVING = ("decmem", "fov_frames")
 ALL_STRATEGIES = ["decmem", "dense", "dense_decay", "fov_frames", "window"]   # one weights folder: every strategy
 METRICS = [  # (section title, key in a strategy's summary, format)
     ("PSNR (dB), revisited frames", "psnr_revisit", ".2f"), ("PSNR (dB), novel frames", "psnr_novel", ".2f"),
-    ("PSNR (dB), all generated frames", "psnr_all", ".2f"), ("SSIM, revisited frames", "ssim_revisit", ".4f"),
+    ("PSNR (dB), all generated frames", "psnr_all", ".2f"),
+    ("PSNR (dB), frames only memory holds (out of the window, seen before it)", "psnr_memory", ".2f"),
+    ("SSIM, revisited frames", "ssim_revisit", ".4f"),
     ("SSIM, novel frames", "ssim_novel", ".4f"), ("SSIM, all generated frames", "ssim_all", ".4f"),
+    ("SSIM, frames only memory holds", "ssim_memory", ".4f"),
     ("LPIPS, all generated frames", "lpips_all", ".4f"), ("recall@k of overlapping bank blocks", "recall", ".3f"),
     ("precision@k of overlapping bank blocks", "precision", ".3f"), ("seconds per generated latent", "s_per_latent",
                                                                       ".4g"),
@@ -237,6 +240,18 @@ def _heat_rows(sel_layers, t0: int, keep: int, n_b: int, total: int) -> np.ndarr
     return rows
 
 
+def _memory_only(clip: dict, frames: np.ndarray, recent: int, share: float, depth_tol: float, stride: int) -> np.ndarray:
+    """bool [len(frames)]: frames that only long-term memory can show: the ``recent`` frames before each (what the
+    local window holds besides the frame's own chunk) see < ``share`` of its pixels, and the older frames of the
+    clip, ground truth or generated alike, see >= ``share`` (depth + poses of the ground truth)."""
+    out = np.zeros(len(frames), bool)
+    for i, t in enumerate(frames):
+        split = max(0, t - recent)
+        if split and coverage(clip, [t], range(split, t), 0, depth_tol, stride)[0] < share:
+            out[i] = coverage(clip, [t], range(split), 0, depth_tol, stride)[0] >= share
+    return out
+
+
 def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs, lpips, log=print) -> dict:
     """Every strategy on one clip: per-frame metrics, revisit split, dispersion, chunk seconds, retrieval recall
     and heatmaps (on the scored chunks)."""
@@ -256,8 +271,10 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
     if "depth" in clip:
         cov = coverage(clip, gen_src, range(first_gen), gap_src, args.depth_tol, stride)
         revisit, rule = cov >= args.revisit_coverage, "depth"
+        memory_only = _memory_only(clip, gen_src, (any_model.args.attention.window - 1) * max(1, codec.temporal),
+                                   args.revisit_coverage, args.depth_tol, stride)
     else:
-        cov = None
+        cov, memory_only = None, np.zeros(len(gen_src), bool)
         revisit = revisit_mask(clip["c2w"][:gen_src[-1] + 1], first_gen, args.pos_tol, args.angle_tol_deg,
                                gap_src)[first_gen:]
         rule = "pose"
@@ -286,7 +303,8 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         return np.concatenate([rel_cache[f, t] for f in range(old)], axis=1) if old else np.zeros((n_q, 0), bool)
 
     res_clip = {"video_id": clip.get("video_id"), "frames": int(T_src), "revisit_rule": rule,
-                "generated_frames": gen_src.tolist(), "revisit": revisit, "coverage": cov, "recall_every": every,
+                "generated_frames": gen_src.tolist(), "revisit": revisit, "coverage": cov, "memory_only": memory_only,
+                "recall_every": every,
                 "scored_frames": [t - args.init_frames for t in scored], "strategies": {}}
     gt = clip["frames"][gen_src]
     for name, model in models.items():
@@ -343,9 +361,9 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
 #                              Over clips, outputs                              #
 #################################################################################
 
-def _split_means(vals: np.ndarray, revisit: np.ndarray) -> dict:
+def _split_means(vals: np.ndarray, revisit: np.ndarray, memory_only: np.ndarray) -> dict:
     m = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
-    return {"revisit": m(vals[revisit]), "novel": m(vals[~revisit]), "all": m(vals)}
+    return {"revisit": m(vals[revisit]), "novel": m(vals[~revisit]), "all": m(vals), "memory": m(vals[memory_only])}
 
 
 def ends(x, share: float) -> tuple[float, float] | None:
@@ -371,7 +389,8 @@ def summarize(clips: list[dict], strategies: list[str]) -> dict:
             row = c["strategies"][name]
             for metric in ("psnr", "ssim"):
                 vals = np.asarray(row[metric])
-                for part, v in _split_means(vals, np.asarray(c["revisit"][:len(vals)], bool)).items():
+                masks = (np.asarray(c[k][:len(vals)], bool) for k in ("revisit", "memory_only"))
+                for part, v in _split_means(vals, *masks).items():
                     per[f"{metric}_{part}"].append(v)
             per["lpips_all"].append(float(np.mean(row["lpips"])) if row.get("lpips") is not None else None)
             for k in ("recall", "precision", "s_per_latent"):
@@ -476,6 +495,7 @@ def report(res: dict) -> str:
     a = res["args"]
     rules = sorted({c["revisit_rule"] for c in res["clips"]})
     n_rev = [int(np.sum(c["revisit"])) for c in res["clips"]]
+    n_mem = [int(np.sum(c.get("memory_only", []))) for c in res["clips"]]
     folders, steps = res["weights"], res["sample_steps"]
     one = len(set(folders.values())) == 1
     weights = (f"weights `{next(iter(folders.values()))}` (every strategy)" if one else
@@ -496,6 +516,9 @@ def report(res: dict) -> str:
     L += [f"- revisited frame: >= {a['revisit_coverage']:.0%} of its pixels show surfaces an init frame >= "
           f"{a['min_gap']} latents older saw (rule: {', '.join(rules)}; depth agreement {a['depth_tol']:.0%}); "
           f"revisited frames per clip: {n_rev}",
+          f"- frame only memory holds: the frames of its local window before it (window - 1 latents) see < "
+          f"{a['revisit_coverage']:.0%} of its pixels and older frames (ground truth or generated) >= "
+          f"{a['revisit_coverage']:.0%}: what SGM alone can bring back (depth rule only); per clip: {n_mem}",
           f"- relevance (rule `{rel['rule']}`, depth agreement {rel['depth_tol']:.0%}): {rel['relevant']}; "
           "recall@k = |read ∩ relevant| / min(k, |relevant|) per "
           + ("(layer, head, query block) against that query block's own relevant set (fov_frames: its one read set "

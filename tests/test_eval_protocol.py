@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from decmem.data_pipeline.overlap import block_overlap, block_relevance, coverage, pixel_blocks, visible_in
-from decmem.evaluation.protocol import METRICS, _recall, parse_tables
+from decmem.evaluation.protocol import METRICS, _memory_only, _recall, parse_tables
 from decmem.model.blocks import BlockLayout
 
 H = W = 24
@@ -107,6 +107,21 @@ def test_coverage_counts_only_old_enough_sources_and_translation():
     assert coverage(c, [3], [0, 1, 2], min_gap=3)[0] == pytest.approx(
         coverage(c, [3], [0], min_gap=0)[0])                     # only frame 0 is >= 3 frames older
     assert coverage(c, [2], [0], min_gap=0)[0] == pytest.approx(_rotation_reference(90, 0), abs=1.5 / W)
+
+
+def test_memory_only_frames_are_out_of_the_window_and_seen_before():
+    # yaw per frame: view A (0, 10), the opposite view B (180, 190, 200), A again (0), A turned a little (20), then
+    # a new view C (90, 100) never seen before; 90-deg-wide frames, window 3 (the 2 frames before each frame).
+    yaws = [0, 10, 180, 190, 200, 0, 20, 90, 100]
+    c = _clip([_yaw(y) for y in yaws])
+    got = _memory_only(c, np.arange(2, 9), 2, 0.5, 0.1, 1)
+    # frame 5 (A again): frames 3, 4 (B) see none of it, frames 0-2 all of it -> memory only. 6: frame 5 sees most.
+    # 7 (C): frames 5, 6 see at most a third of it, but nothing older sees half either. 2-4, 8: the window holds them.
+    assert got.tolist() == [False, False, False, True, False, False, False]
+    want = [_rotation_reference(y, s) for y, s in ((90, 0), (90, 20))]          # frame 7 vs each A frame
+    assert max(want) < 0.5
+    # a window of 4 (3 frames before) holds frame 5 for frame 6 and B's frames for nothing: still only frame 5
+    assert _memory_only(c, np.arange(3, 9), 3, 0.5, 0.1, 1).tolist() == [False, False, True, False, False, False]
 
 
 def test_pixel_blocks_follow_the_model_tiling():
@@ -281,15 +296,17 @@ def test_eval_protocol_end_to_end(rendered):
         assert "recall" not in c["strategies"]["dense"]
     # the summary is the mean over clips of per-clip means, recomputed here from the per-frame arrays
     for name in strategies:
-        per_clip = []
-        for c in res["clips"]:
-            rev, psnr = np.asarray(c["revisit"]), np.asarray(c["strategies"][name]["psnr"])
-            per_clip.append(psnr[rev].mean() if rev.any() else None)
-        vals = [v for v in per_clip if v is not None]
-        got = res["summary"][name]["psnr_revisit"]
-        assert got["clips"] == len(vals)
-        if vals:
-            assert got["mean"] == pytest.approx(np.mean(vals), abs=1e-9)
+        for part, mask in (("revisit", "revisit"), ("memory", "memory_only")):
+            per_clip = []
+            for c in res["clips"]:
+                sel, psnr = np.asarray(c[mask], bool), np.asarray(c["strategies"][name]["psnr"])
+                assert len(sel) == len(psnr) == 6
+                per_clip.append(psnr[sel].mean() if sel.any() else None)
+            vals = [v for v in per_clip if v is not None]
+            got = res["summary"][name][f"psnr_{part}"]
+            assert got["clips"] == len(vals)
+            if vals:
+                assert got["mean"] == pytest.approx(np.mean(vals), abs=1e-9)
         assert res["summary"][name]["psnr_all"]["mean"] == pytest.approx(
             np.mean([np.mean(c["strategies"][name]["psnr"]) for c in res["clips"]]), abs=1e-9)
     tables = parse_tables((out / "eval.md").read_text())

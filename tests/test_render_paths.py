@@ -205,3 +205,59 @@ def test_revisit_path_revisits_beyond_the_window_and_tour_does_not():
     assert revisit >= 3 * np.mean([m["revisit"] for m in got["tour"]])
     assert all(0.1 <= m["novel"] <= 0.45 for m in got["revisit"]), got["revisit"]   # new views keep coming
     assert all(m["gap"] <= 12 for m in got["revisit"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_return_path_cuts_between_views_and_comes_back(seed):
+    poses = render._path(render._scene(seed), 400, seed, "return")
+    assert poses.shape == (400, 4)
+    move, turn, tilt = _steps(poses)
+    cut = (move > render.MOVE + 1e-9) | (turn > render.TURN + 1e-9) | (tilt > render.TILT + 1e-9)
+    assert 0.15 <= cut.mean() <= 0.4                                           # a cut every 3-6 frames
+    assert (move + turn + tilt > 0).all() and np.abs(poses[:, 3]).max() <= 12
+    half = render.ROOM / 2
+    assert np.allclose(np.abs(poses[:, :2]), half)                             # room centres only
+    starts = np.flatnonzero(np.r_[True, cut])                                   # first frame of each stay at a view
+    first, back = {}, 0
+    for i, t in enumerate(starts):
+        key = tuple(poses[t])
+        if key in first:                                                       # a return: the view's first pose
+            back += 1
+            assert t - first[key] > 4                                          # ... left more than a window ago
+        first.setdefault(key, t)
+        # the stay just before ends >= 90 - 2 turn steps away in yaw when at the same position
+        if i and np.array_equal(poses[t, :2], poses[t - 1, :2]):
+            assert abs((poses[t, 2] - poses[t - 1, 2] + 180) % 360 - 180) >= 90 - 2 * render.TURN - 1e-9
+    assert back >= 0.4 * len(starts)                                           # most cuts go back
+
+
+def test_return_path_is_deterministic_and_a_prefix_of_longer():
+    a = render._path(render._scene(2), 120, 2, "return")
+    np.testing.assert_array_equal(a, render._path(render._scene(2), 120, 2, "return"))
+    np.testing.assert_array_equal(a[:1], render._path(render._scene(2), 120, 2)[:1])
+    np.testing.assert_array_equal(a[:40], render._path(render._scene(2), 40, 2, "return"))
+
+
+@needs_gl
+def test_revisit_fraction_far_counts_what_only_memory_holds():
+    # view A (3 frames), cut to the opposite view B (4 frames), cut back to A's first pose, then 2 frames of A
+    cx, cz = render.CENTRES[1]
+    a, b = [[cx, cz, 30.0 + render.TURN * k, 0.0] for k in range(3)], [[cx, cz, -150.0 + render.TURN * k, 0.0]
+                                                                       for k in range(4)]
+    clip = render.render_poses(0, a + b + a[:3], [32, 32])
+    m = render.revisit_fraction(clip, 4, 10)
+    # Scored frames 4..9: 4-6 are B (the window holds B, nothing older saw more of it), 7 is A's first pose again
+    # (the window, frames 4-6, holds only B; frames 0-2 saw it): far. 8 and 9 are revisits too, but frame 7 in
+    # their window already shows most of them.
+    assert m["far"] == pytest.approx(1 / 6) and m["revisit"] == pytest.approx(3 / 6)
+    # Samples of 7 frames (w = 0..3, frames w+4..w+6 scored): frame 7 is far where the sample still holds A's
+    # frame 1 or 2 (w = 1, 2; each sees >= 70% of it), not where it starts at B (w = 3): 2 of 12 pairs.
+    assert render.revisit_fraction(clip, 4, 7)["far"] == pytest.approx(2 / 12)
+
+
+@needs_gl
+def test_return_path_needs_memory_where_revisit_does_not():
+    got = {kind: [render.revisit_fraction(render.read({"seed": s, "frames": 64, "hw": [32, 32], "path": kind}), 4, 24)
+                  for s in range(2)] for kind in ("revisit", "return")}
+    assert all(m["far"] == 0.0 for m in got["revisit"]), got["revisit"]         # its window always holds most
+    assert all(m["far"] >= 0.05 for m in got["return"]), got["return"]
