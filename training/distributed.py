@@ -55,6 +55,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def collective_device(group=None) -> torch.device:
+    """The device a tensor handed to a collective on ``group`` (default: the world) must live on.
+
+    NCCL registers only CUDA: a CPU tensor there raises "No backend type associated with device type cpu", which
+    gloo and one-process runs never show. Backends that take CPU tensors (gloo) get them, so host-made flags and sums
+    need no copy.
+    """
+    if not torch.distributed.is_initialized():
+        return torch.device("cpu")
+    backend = str(torch.distributed.get_backend(group))
+    if "cpu" in torch.distributed.Backend.backend_capability.get(backend, ["cpu"]):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def init_distributed(device: str, timeout_s: int) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) -> (rank, local_rank, world)."""
     if device == "cpu":

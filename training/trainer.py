@@ -75,7 +75,7 @@ from decmem.training.checkpoint import (
 )
 from decmem.training.config import dump_config, to_dict
 from decmem.training.context_parallel import CPMemory, Layout, build_groups
-from decmem.training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
+from decmem.training.distributed import RunFailed, collective_device, init_distributed, peer_lost, resolve_device
 from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
 from decmem.training.metrics import MetricLogger
 from decmem.training.optim import build_optimizer, build_scheduler
@@ -207,6 +207,7 @@ class Trainer:
         self.precision = resolve_precision(t.precision, device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.layout = Layout.make(world, t.cp, rank)
+        self.comm_device = collective_device()         # where the job's own flags and sums meet (NCCL: the GPU)
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(cfg.seed)                     # identical initial weights on every rank
@@ -311,9 +312,10 @@ class Trainer:
                 log.warning("step %d: non-finite loss (samples %s on this rank or another): step skipped, "
                             "weights unchanged", self.state.step, mb["keys"])
                 return {"train/skipped_steps": 1.0, "memory/bank_tokens": float(stats.get("bank_tokens", 0))}, {}
+            # read now: _all_finite has synced on this forward, while after backward .item() would wait for it
+            losses.append(loss.detach().float().item())
             self.engine.backward(loss)
             self.engine.step()                           # DeepSpeed steps the optimizer at the accumulation boundary
-            losses.append(loss.detach().float().item())
         if self.ema is not None:
             self.ema.update()
         self.state.step += 1
@@ -397,11 +399,13 @@ class Trainer:
                 if cfg.log.rollout_every and step % cfg.log.rollout_every == 0:
                     self._write_rollout(logger.writer, step)
                 # one agreement per step: a signal on any rank, or the wall-clock save period on rank 0
-                flags = torch.tensor([float(self.stop_signal == signal.SIGUSR2), float(self.stop_signal != 0),
-                                      float(self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
-                                            time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)])
+                flags = [float(self.stop_signal == signal.SIGUSR2), float(self.stop_signal != 0),
+                         float(self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
+                               time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)]
                 if self.world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    agreed = torch.tensor(flags, device=self.comm_device)
+                    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                    flags = agreed.tolist()                # one device-to-host read, not one per flag
                 requeue, stop, due = bool(flags[0]), bool(flags[1]) or step == t.stop_at, bool(flags[2])
                 periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
                 if stop or due or periodic or step == t.steps:
@@ -420,7 +424,8 @@ class Trainer:
 
     def _all_finite(self, loss) -> bool:
         """Whether every rank's loss is finite (agreed by an all-reduce, so all ranks skip or step together)."""
-        ok = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        # built on the device from the loss itself: the one host read is the .item() below
+        ok = torch.isfinite(loss.detach()).all().reshape(1).to(self.comm_device, torch.float32)
         if self.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
