@@ -51,8 +51,8 @@ from decmem.model.camera import relative_poses
 from decmem.model.diffusion import rectified_flow_loss
 from decmem.model.dit import VideoDiT
 from decmem.training.config import dump_config
+from decmem.training.engine import apply_activation_checkpointing
 from decmem.training.optim import build_optimizer
-from decmem.training.trainer import apply_activation_checkpointing
 
 OVER_BUDGET_EXIT = 3          # child exit code: the watchdog saw the step's working set exceed the budget
 

@@ -21,8 +21,9 @@ def run_steps(rank: int, world: int, port: int, config: str, overrides: list[str
 
     from decmem.training.config import load_config
     from decmem.training.distributed import init_distributed
+    from decmem.training.engine import gather_state_dict
     from decmem.training.run_config import RunConfig
-    from decmem.training.trainer import Trainer, gather_state_dict
+    from decmem.training.trainer import Trainer
 
     cfg = load_config(RunConfig, config, overrides)
     init_distributed("cpu", 120)

@@ -16,28 +16,33 @@ fails (a full disk) is agreed by every rank: the partial folder is removed and
 the run stops with one message naming the file and the error.
 
 Checkpoint files are not trusted on load: the files must match SHA256SUMS
-(checked, in parallel over the ranks, before anything is unpickled), and every
-pickle, DeepSpeed's included (DeepSpeed 0.19 itself loads with
-``weights_only=False``), is loaded with ``weights_only=True``, so a replaced
-file cannot run code even where SHA256SUMS was rewritten to match it.
+(checkpoint_integrity.py, before anything is unpickled), and every pickle,
+DeepSpeed's included, is loaded with ``weights_only=True`` (checkpoint_guard.py).
 """
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from decmem.data_pipeline.storage import write_bytes_atomic
-from decmem.training.distributed import RunFailed
+from decmem.training.checkpoint_guard import describe_write_error, guard_engine, safe_torch_load
+from decmem.training.checkpoint_integrity import (
+    COMPLETE,
+    SUMS,
+    CheckpointError,
+    format_sums,
+    hash_files,
+    verify_checkpoint,
+)
+from decmem.training.distributed import gather_objects
 from decmem.training.faults import maybe_kill_in_save
 from decmem.training.weights import file_sha256 as _sha256
 
@@ -63,23 +68,11 @@ class CheckpointArgs:
 
 
 LATEST = "latest"
-COMPLETE = "COMPLETE"
-SUMS = "SHA256SUMS"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RunFailed):
-    """A checkpoint could not be written, or is refused on load; the message names the file."""
-
-    exit_code = 5
 
 
 class CheckpointSaveError(CheckpointError):
     """Writing a checkpoint failed on some rank (e.g. no space left); the partial folder was removed."""
-
-
-class CheckpointRefused(CheckpointError):
-    """A checkpoint file differs from what was saved, or holds more than tensors and plain containers."""
 
 
 class LayoutMismatch(CheckpointError):
@@ -155,161 +148,13 @@ def set_rng_state(state: dict) -> None:
 
 
 #################################################################################
-#                       Collectives Used While Saving/Loading                   #
+#                                      Save                                     #
 #################################################################################
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _gather(obj) -> list:
-    """Every rank's ``obj`` (small Python objects), in rank order; also a barrier."""
-    if _world() == 1:
-        return [obj]
-    out = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 
 def _agree(errors: list[str]) -> list[str]:
     """Collective: every rank's error messages, so that all ranks go on, or all stop, together."""
-    return [m for per_rank in _gather(list(errors)) for m in per_rank]
+    return [m for per_rank in gather_objects(list(errors)) for m in per_rank]
 
-
-#################################################################################
-#                     DeepSpeed's Files: Guarded Writes, Safe Loads             #
-#################################################################################
-
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19 pickles into its optimizer states, ZeRO stages 0-3, fp32 and bf16: an
-    enum, the loss scalers and an (int, int) dataclass, whose unpickling sets attributes and runs no code."""
-    out = []
-    try:  # deepspeed is imported by the trainer first (DS_ACCELERATOR); here only its classes are needed
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 and bf16: param_slice_mappings
-
-        out += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    except ImportError:  # another DeepSpeed: its files then load only if they hold tensors and containers
-        pass
-    return out
-
-
-def safe_torch_load(path: str, map_location="cpu"):
-    """torch.load with weights_only=True: tensors, containers, and DeepSpeed's few plain classes; never code.
-
-    A file that needs anything else (a pickle whose ``__reduce__`` would call a function) is refused by name.
-    """
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if "Weights only load failed" in text:
-            # name what the pickle wanted, not torch's advice on how to allow it
-            m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            why = f"it would call or build {m.group(1)}" if m else "it holds more than tensors and plain containers"
-            raise CheckpointRefused(f"{path}: refused to unpickle: {why}. Checkpoint files hold only tensors and plain "
-                                    "containers; this one was replaced or comes from elsewhere, and unpickling it "
-                                    "could run arbitrary code") from None
-        raise CheckpointRefused(f"{path}: not a readable checkpoint file ({text.splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointRefused(f"{path}: not a readable checkpoint file ({first[:200]})") from None
-
-
-class GuardedCheckpointEngine:
-    """DeepSpeed's checkpoint engine, wrapped: loads go through ``safe_torch_load``; a failed write is recorded
-    instead of raised, so every rank still reaches DeepSpeed's barriers and the ranks can agree to stop cleanly."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.errors: list[str] = []
-
-    def __getattr__(self, name):                  # makedirs, create, commit, ... stay DeepSpeed's
-        return getattr(self.inner, name)
-
-    def save(self, state_dict, path: str):
-        if self.errors:                           # one file already failed (a full disk): write no more of it
-            return
-        try:
-            self.inner.save(state_dict, path)
-        except Exception as e:
-            self.errors.append(describe_write_error(path, e))
-            _remove(path)
-
-    def load(self, path: str, map_location=None):
-        return safe_torch_load(path, map_location if map_location is not None else "cpu")
-
-    def take_errors(self) -> list[str]:
-        out, self.errors = self.errors, []
-        return out
-
-
-def guard_engine(engine) -> GuardedCheckpointEngine:
-    """Install (once) the guarded checkpoint engine into a DeepSpeed engine; returns it."""
-    ce = engine.checkpoint_engine
-    if not isinstance(ce, GuardedCheckpointEngine):
-        ce = engine.checkpoint_engine = GuardedCheckpointEngine(ce)
-        copy_scripts = getattr(engine, "_copy_recovery_script", None)
-        if copy_scripts is not None:
-            def guarded_copy(save_path, _copy=copy_scripts, _ce=ce):
-                # rank 0 copies zero_to_fp32.py next to the checkpoints; on a full disk this must not raise
-                # between DeepSpeed's collectives either
-                try:
-                    _copy(save_path)
-                except OSError as e:
-                    _ce.errors.append(describe_write_error(save_path, e))
-            engine._copy_recovery_script = guarded_copy
-    return ce
-
-
-def describe_write_error(path: str, e: BaseException) -> str:
-    """'<path>: No space left on device (...)' for a full disk, whatever layer reported it, else the error itself.
-
-    torch's zip writer says only "unexpected pos"; safetensors says "os error 28"; so a write that failed on a
-    filesystem with (almost) nothing left is named for what it is.
-    """
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    free = _free_bytes(path)
-    nospace = (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
-               or "os error 28" in str(e) or (free is not None and free < (1 << 20)))
-    if nospace:
-        left = f"{free} bytes were free on its filesystem" if free is not None else "its filesystem is full"
-        return f"{path}: No space left on device ({left})"
-    return f"{path}: {type(e).__name__}: {text[:300]}"
-
-
-def _free_bytes(path: str) -> int | None:
-    p = os.path.abspath(path)
-    while p and not os.path.exists(p):
-        p = os.path.dirname(p)
-    try:
-        st = os.statvfs(p)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-#################################################################################
-#                                      Save                                     #
-#################################################################################
 
 def save_checkpoint(engine, run_dir: str, state: TrainState, rank: int, keep: int, meta: dict,
                     export=None) -> str:
@@ -347,7 +192,7 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, rank: int, keep: in
     if export is not None:
         errors += export(path)
     _stop_if_failed(_agree(errors), path, run_dir, rank)   # every rank's files are on disk
-    sums, errors = _hash_files(path, rank)
+    sums, errors = hash_files(path, rank)
     if rank == 0 and not errors:
         info = {"step": state.step, "samples": state.samples, "tokens": state.tokens, "layout": state.layout,
                 "train_seconds": state.train_seconds, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
@@ -357,14 +202,15 @@ def save_checkpoint(engine, run_dir: str, state: TrainState, rank: int, keep: in
             _atomic_write(target, json.dumps(info, indent=1))
             sums["trainstate.json"] = _sha256(target)
             target = os.path.join(path, SUMS)
-            _atomic_write(target, "".join(f"{h}  {name}\n" for name, h in sorted(sums.items())))
+            _atomic_write(target, format_sums(sums))
             target = os.path.join(path, COMPLETE)
             _atomic_write(target, "")
             target = os.path.join(root, LATEST)
             _atomic_write(target, tag)               # the last write: until it lands, latest names the previous one
         except Exception as e:
             errors.append(describe_write_error(target, e))
-            _remove(target + ".tmp")
+            with contextlib.suppress(OSError):
+                os.remove(target + ".tmp")
     _stop_if_failed(_agree(errors), path, run_dir, rank)
     if rank == 0:
         try:
@@ -380,7 +226,7 @@ def _stop_if_failed(errors: list[str], path: str, run_dir: str, rank: int) -> No
         return
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-    _gather(None)                                # no rank exits (and has the launcher stop rank 0) before the cleanup
+    gather_objects(None)                         # no rank exits (and has the launcher stop rank 0) before the cleanup
     prev = resolve_resume(run_dir, "latest")
     kept = (f"{os.path.join(checkpoint_root(run_dir), LATEST)} still names {os.path.basename(prev)} (complete), "
             "which checkpoint.resume=latest continues from" if prev else "there is no earlier complete checkpoint")
@@ -403,95 +249,8 @@ def _rotate(run_dir: str, keep: int, step: int) -> None:
 
 
 #################################################################################
-#                                   Checksums                                   #
+#                                      Load                                     #
 #################################################################################
-
-def _list_files(path: str) -> list[str]:
-    """Every file under ``path``, relative, with '/' separators, sorted."""
-    out = []
-    for d, _, files in os.walk(path):
-        for f in files:
-            out.append(os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/"))
-    return sorted(out)
-
-
-def _hash_files(path: str, rank: int) -> tuple[dict[str, str], list[str]]:
-    """Collective: sha256 of every file in the folder (as rank 0 lists it), each rank hashing every world-th file
-    -> (name -> sha256, read errors of any rank)."""
-    files = _broadcast(_list_files(path) if rank == 0 else None)
-    world = _world()
-    mine, errors = {}, []
-    for i, f in enumerate(files):
-        if i % world == rank:
-            try:
-                mine[f] = _sha256(os.path.join(path, f))
-            except OSError as e:                 # reported through the agreement, not raised on one rank
-                errors.append(f"{os.path.join(path, f)}: cannot read back ({e.strerror or e})")
-    out: dict[str, str] = {}
-    everyone: list[str] = []
-    for part, errs in _gather((mine, errors)):
-        out.update(part)
-        everyone += errs
-    return out, everyone
-
-
-def verify_checkpoint(path: str, rank: int) -> None:
-    """Collective: refuse (on every rank) a checkpoint whose files differ from its SHA256SUMS, before any is loaded.
-
-    Files missing, added, or with another sha256 are named. A checkpoint without SHA256SUMS (written before it
-    existed) is loaded with a warning: its pickles are still loaded with weights_only=True.
-    """
-    listing = None
-    if rank == 0:
-        expected, problems = None, []
-        sums = os.path.join(path, SUMS)
-        if os.path.exists(sums):
-            expected = {}
-            try:
-                with open(sums, encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                lines, problems = [], [f"{sums}: unreadable ({e})"]
-            for n, line in enumerate(lines, 1):
-                m = re.match(r"^([0-9a-f]{64})  (.+)$", line)
-                if not m or ".." in m.group(2).split("/") or m.group(2).startswith("/"):
-                    problems.append(f"{sums} line {n}: not a sha256sum line")
-                    continue
-                expected[m.group(2)] = m.group(1)
-            present = set(_list_files(path)) - {SUMS, COMPLETE}
-            problems += [f"{os.path.join(path, f)}: not listed in {SUMS} (added after the save)"
-                         for f in sorted(present - set(expected))]
-            problems += [f"{os.path.join(path, f)}: missing (listed in {SUMS})" for f in sorted(set(expected) - present)]
-        else:
-            log.warning("%s has no %s (written by an older decmem): its files are not checked against the save; "
-                        "pickled state is still loaded with weights_only=True", path, SUMS)
-        listing = (expected, problems)
-    expected, problems = _broadcast(listing)
-    if expected is None:
-        return
-    world, mine = _world(), []
-    for i, name in enumerate(sorted(expected)):
-        full = os.path.join(path, name)
-        if i % world == rank and os.path.isfile(full):
-            try:
-                got = _sha256(full)
-            except OSError as e:
-                mine.append(f"{full}: unreadable ({e.strerror or e})")
-                continue
-            if got != expected[name]:
-                mine.append(f"{full}: sha256 {got[:16]}... differs from {SUMS} ({expected[name][:16]}...)")
-    problems = problems + [m for per_rank in _gather(mine) for m in per_rank]
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        e = CheckpointRefused(f"{path}: refused: its files are not the ones saved (modified, corrupted or replaced; "
-                              f"{SUMS} was written at save time):\n  {shown}\nNothing was loaded from it. Resume from "
-                              "another complete checkpoint with checkpoint.resume=PATH, or start again with "
-                              "checkpoint.resume=none.")
-        e.on_every_rank = True
-        raise e
-
-
-
 
 def check_layout(path: str, layout: dict) -> dict:
     """The checkpoint's trainstate.json; raises LayoutMismatch if it was written under another layout."""
@@ -534,5 +293,6 @@ def _atomic_torch_save(obj, path: str) -> None:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)                             # a half-written file is not left behind (a full disk)
+        with contextlib.suppress(OSError):       # a half-written file is not left behind (a full disk)
+            os.remove(tmp)
         raise

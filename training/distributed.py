@@ -55,6 +55,45 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def collective_device(group=None) -> torch.device:
+    """The device a tensor handed to a collective on ``group`` (default: the world) must live on.
+
+    NCCL registers only CUDA: a CPU tensor there raises "No backend type associated with device type cpu", which
+    gloo and one-process runs never show. Backends that take CPU tensors (gloo) get them, so host-made flags and sums
+    need no copy.
+    """
+    if not torch.distributed.is_initialized():
+        return torch.device("cpu")
+    backend = str(torch.distributed.get_backend(group))
+    if "cpu" in torch.distributed.Backend.backend_capability.get(backend, ["cpu"]):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def world_size() -> int:
+    """The world's size once torch.distributed is up; 1 before (a one-process run or a tool without a group)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+
+
+def gather_objects(obj) -> list:
+    """Collective: every rank's ``obj`` (small Python objects), in rank order; also a barrier."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Collective: rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed(device: str, timeout_s: int) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) -> (rank, local_rank, world)."""
     if device == "cpu":

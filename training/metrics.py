@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from decmem.training.distributed import collective_device
+
 
 @dataclass
 class LogArgs:
@@ -40,6 +42,7 @@ class MetricLogger:
 
     def __init__(self, args: LogArgs, run_dir: str, rank: int, world: int, total_steps: int, start_step: int):
         self.args, self.rank, self.world = args, rank, world
+        self.device = collective_device()               # NCCL reduces only GPU tensors
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)      # per key: a skipped step has no loss or grad norm
         self.writer = self.bar = self.jsonl = None
@@ -63,11 +66,13 @@ class MetricLogger:
     def log(self, step: int) -> dict[str, float]:
         """Mean of each scalar over the steps since the last call and over all ranks; rank 0 writes them."""
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys], dtype=torch.float64)
+        vec = [self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys]
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(vec)                    # every rank logs the same keys at the same steps
+            summed = torch.tensor(vec, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed)                 # every rank logs the same keys at the same steps
+            vec = summed.tolist()                   # one device-to-host read for every key
         n = len(keys)
-        means = {k: vec[i].item() / max(vec[n + i].item(), 1.0) for i, k in enumerate(keys)}
+        means = {k: vec[i] / max(vec[n + i], 1.0) for i, k in enumerate(keys)}
         self.sums.clear()
         self.counts.clear()
         if self.writer is not None:

@@ -1,7 +1,42 @@
 """``decmem train``: DeepSpeed ZeRO-3 over a dp x cp grid, exact resume, TensorBoard."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from decmem.data_pipeline import storage
+from decmem.data_pipeline.loader import ShardLoader, resolve_shards
+from decmem.model.diffusion import DiffusionArgs
+from decmem.model.dit import VideoDiT
+from decmem.model.rollout import rollout
+from decmem.training.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from decmem.training.checkpoint_guard import describe_write_error
+from decmem.training.config import dump_config, to_dict
+from decmem.training.context_parallel import CPMemory, Layout, build_groups
+from decmem.training.distributed import RunFailed, collective_device, init_distributed, peer_lost, resolve_device
+from decmem.training.engine import ShardedEMA, build_engine, gather_state_dict
+from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
+from decmem.training.metrics import MetricLogger
+from decmem.training.validate import resolve_precision, validate
+from decmem.training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
+from decmem.training.weights import save_weights
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -43,46 +78,6 @@ class TrainArgs:
             raise ValueError(f"ema: expected in [0, 1), got {self.ema}")
 
 
-import functools
-import json
-import logging
-import os
-import signal
-import time
-import zlib
-from dataclasses import replace
-
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import yaml
-from torch.utils.checkpoint import checkpoint
-
-from decmem.data_pipeline import storage
-from decmem.data_pipeline.loader import ShardLoader, resolve_shards
-from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
-from decmem.model.dit import VideoDiT
-from decmem.model.rollout import rollout
-from decmem.training.checkpoint import (
-    CheckpointRefused,
-    TrainState,
-    describe_write_error,
-    load_checkpoint,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from decmem.training.config import dump_config, to_dict
-from decmem.training.context_parallel import CPMemory, Layout, build_groups
-from decmem.training.distributed import RunFailed, init_distributed, peer_lost, resolve_device
-from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
-from decmem.training.metrics import MetricLogger
-from decmem.training.optim import build_optimizer, build_scheduler
-from decmem.training.validate import resolve_precision, validate
-from decmem.training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
-from decmem.training.weights import load_weights, save_weights
-
 log = logging.getLogger("decmem.train")
 
 
@@ -90,106 +85,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss stayed non-finite: the run saved its unchanged weights and stopped."""
 
 
-#################################################################################
-#                      The Trained Module and Its Wrapping                      #
-#################################################################################
-
-class TrainModule(nn.Module):
-    """The DiT and its objective in one forward, so DeepSpeed's engine (and ZeRO-3's hooks) drive every call."""
-
-    def __init__(self, model: VideoDiT, diffusion: DiffusionArgs):
-        super().__init__()
-        self.model, self.diffusion = model, diffusion
-
-    def forward(self, latents, K, c2w, chunk_starts, generators, actions=None, ctx=None, return_stats=False):
-        return rectified_flow_loss(self.model, latents, K, c2w, chunk_starts, self.diffusion, actions,
-                                   generators, ctx, return_stats)
-
-
-def apply_activation_checkpointing(model: VideoDiT) -> None:
-    """Recompute each DiT block (memory and query stream) in backward instead of keeping its activations.
-
-    Needs train.zero_stage <= 2: under ZeRO-3 the recompute runs inside backward, and its forward hooks
-    release the parameters the surrounding backward has just gathered (DeepSpeed 0.19, torch's and
-    DeepSpeed's non-reentrant checkpoints alike); reentrant checkpointing fires the gradient hooks once per
-    use of a block, and blocks are used once per stream and chunk. ZeRO-2 keeps the weights whole.
-    """
-    for block in model.blocks:
-        for name in ("forward", "encode_memory"):
-            setattr(block, name, functools.partial(checkpoint, getattr(block, name), use_reentrant=False))
-
-
 def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Generator]:
     """One noise generator per sample from (seed, step, sample key): the same noise in any dp x cp layout or batching."""
     return [torch.Generator().manual_seed(zlib.crc32(f"{seed}/{step}/{k}".encode())) for k in keys]
-
-
-def deepspeed_config(cfg, world: int, precision: str) -> dict:
-    t = cfg.train
-    zero = {"stage": t.zero_stage}
-    if t.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
-    return {
-        # DeepSpeed's data-parallel group is the whole world: with cp each rank's loss is the full loss and the
-        # cp ranks' gradients sum to cp x the true one, so the world average is the dp average (DESIGN §4)
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "zero_allow_untested_optimizer": True,         # torch AdamW: nothing to JIT-compile
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
-#################################################################################
-#                                   EMA Shards                                  #
-#################################################################################
-
-def _local(p):
-    """The part of a parameter this rank holds: its ZeRO-3 partition, else the whole tensor."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-
-
-class ShardedEMA:
-    """EMA of the weights, kept per rank on the rank's own ZeRO-3 partition (fp32), gathered only to export."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = dict(model.named_parameters())
-        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(_local(p).detach().float(), 1 - self.decay)
-
-    def full(self, name: str) -> torch.Tensor:
-        """Collective: the whole EMA tensor of one parameter."""
-        p, s = self.params[name], self.shadow[name]
-        if not hasattr(p, "ds_tensor"):
-            return s
-        parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, s.contiguous())
-        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
-
-
-def gather_state_dict(module: nn.Module, rank: int, ema: ShardedEMA | None = None, prefix: str = "model.") -> dict:
-    """Collective: full fp32 weights of ``module`` (raw or EMA) on rank 0, one parameter at a time."""
-    import deepspeed  # after init_distributed set DS_ACCELERATOR, which deepspeed reads once, at its first import
-
-    out = {}
-    for name, p in module.named_parameters():
-        if ema is not None:
-            full = ema.full(name)
-        else:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                full = p.detach().float().clone() if rank == 0 else None
-        if rank == 0:
-            out[name[len(prefix):] if name.startswith(prefix) else name] = full.float().cpu()
-    return out
 
 
 #################################################################################
@@ -200,26 +98,15 @@ class Trainer:
     """One rank's training loop: built once, ``fit()`` runs to train.steps (or to a stop signal)."""
 
     def __init__(self, cfg, rank: int, world: int, device: str):
-        import deepspeed  # after init_distributed set DS_ACCELERATOR, which deepspeed reads once, at its first import
-
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         t = cfg.train
         self.precision = resolve_precision(t.precision, device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.layout = Layout.make(world, t.cp, rank)
+        self.comm_device = collective_device()         # where the job's own flags and sums meet (NCCL: the GPU)
         if t.threads:
             torch.set_num_threads(t.threads)
-        torch.manual_seed(cfg.seed)                     # identical initial weights on every rank
-        model = VideoDiT(cfg.model)
-        if cfg.checkpoint.init_weights:
-            self._init_from(model, cfg.checkpoint.init_weights)
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        module = TrainModule(model, cfg.diffusion)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=build_optimizer(module, cfg.optim),
-            lr_scheduler=build_scheduler(cfg.optim, t.steps), config=deepspeed_config(cfg, world, self.precision),
-            dist_init_required=False)
+        self.engine, self.scheduler = build_engine(cfg, world, self.precision)
         cp_group, _ = build_groups(self.layout)
         self.ctx = CPMemory(cp_group, self.layout.cp_rank, self.layout.cp) if self.layout.cp > 1 else None
         self.loader = ShardLoader(cfg.data, cfg.model.chunk_frames, self.layout.dp_rank, self.layout.dp)
@@ -229,22 +116,11 @@ class Trainer:
         self.stop_signal = 0
         self._val_clip = None
         self.frame_hw = None                                # latent frame size, known after the first batch
+        self._last_save = self._fit_started = None          # fit() sets them: its save clock, its start
 
     # ----------------------------------------------------------------------------
     # Set-up helpers
     # ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _init_from(model: VideoDiT, weights_dir: str) -> None:
-        try:
-            src, wcfg = load_weights(weights_dir)
-        except (ValueError, FileNotFoundError) as e:   # a changed or unreadable file: one line, on every rank alike
-            err = CheckpointRefused(f"checkpoint.init_weights={weights_dir}: {e}")
-            err.on_every_rank = True
-            raise err from None
-        if wcfg.model != model.args:
-            raise ValueError(f"checkpoint.init_weights={weights_dir}: its model config differs from model.* of this run")
-        model.load_state_dict(src.state_dict())
 
     def restore(self) -> str | None:
         """Resume per checkpoint.resume; returns the folder resumed from (None: fresh start)."""
@@ -311,9 +187,10 @@ class Trainer:
                 log.warning("step %d: non-finite loss (samples %s on this rank or another): step skipped, "
                             "weights unchanged", self.state.step, mb["keys"])
                 return {"train/skipped_steps": 1.0, "memory/bank_tokens": float(stats.get("bank_tokens", 0))}, {}
+            # read now: _all_finite has synced on this forward, while after backward .item() would wait for it
+            losses.append(loss.detach().float().item())
             self.engine.backward(loss)
             self.engine.step()                           # DeepSpeed steps the optimizer at the accumulation boundary
-            losses.append(loss.detach().float().item())
         if self.ema is not None:
             self.ema.update()
         self.state.step += 1
@@ -346,20 +223,9 @@ class Trainer:
         time limit, the launcher should requeue), "stopped" (SIGTERM, or train.stop_at reached)."""
         cfg, t = self.cfg, self.cfg.train
         logger = MetricLogger(cfg.log, cfg.run_dir, self.rank, self.world, t.steps, self.state.step)
-        last_save, outcome, bad_run = time.monotonic(), "done", 0
-        start_seconds = self.state.train_seconds
-        t_start = time.monotonic()
-
-        def save():
-            self.state.loader = self.loader.state_dict()
-            self.state.rng = rng_state()
-            self.state.train_seconds = start_seconds + time.monotonic() - t_start
-            if self.ema is not None:
-                self.state.ema = {n: s.clone() for n, s in self.ema.shadow.items()}
-            export = self.export_weights if cfg.checkpoint.export_weights else None
-            save_checkpoint(self.engine, cfg.run_dir, self.state, self.rank, cfg.checkpoint.keep,
-                            {"name": cfg.name, "precision": self.precision}, export)
-
+        self._last_save = time.monotonic()
+        self._fit_started = (self.state.train_seconds, time.monotonic())   # train_seconds spans every restart
+        outcome, bad_run = "done", 0
         try:
             while self.state.step < t.steps:
                 step = self.state.step + 1                   # the step being taken (1-based, as logged)
@@ -369,44 +235,14 @@ class Trainer:
                 t_data = time.perf_counter() - t0
                 want_map = bool(cfg.log.heatmap_every) and step % cfg.log.heatmap_every == 0
                 scalars, stats = self.train_step(micro, with_stats=want_map or step % cfg.log.every_steps == 0)
-                bad_run = bad_run + 1 if scalars["train/skipped_steps"] else 0
-                if bad_run >= t.max_nonfinite:
-                    save()                                   # nothing was applied since the last good step
-                    raise NonFiniteLoss(
-                        f"{bad_run} steps in a row (up to step {step}) had a non-finite loss and were skipped "
-                        f"(train.max_nonfinite={t.max_nonfinite}); saved step {step}, whose weights are those of the "
-                        "last good update, and stopped: check the data (loader stats in TensorBoard) or lower optim.lr")
-                t_step = time.perf_counter() - t0
-                tokens = self.samples_per_step * cfg.data.clip_frames * self._tokens_per_frame(micro[0])
-                self.state.samples += self.samples_per_step
-                self.state.tokens += tokens
-                scalars.update({"perf/step_seconds": t_step, "perf/data_seconds": t_data})
-                logger.add(scalars)
-                if step % cfg.log.every_steps == 0 or step == t.steps:
-                    means = logger.log(step)
-                    means["perf/tokens_per_s"] = tokens / max(means["perf/step_seconds"], 1e-9)
-                    if logger.writer is not None:
-                        logger.writer.add_scalar("perf/tokens_per_s", means["perf/tokens_per_s"], step)
-                        logger.writer.add_scalar("data/samples_seen", self.state.samples, step)
-                    logger.write_line(step, means)
-                    logger.progress(step, means)
-                else:
-                    logger.progress(step)
-                if want_map and logger.writer is not None and "layers" in stats:
-                    self._write_heatmap(logger.writer, stats, micro[-1], step)
-                if cfg.log.rollout_every and step % cfg.log.rollout_every == 0:
-                    self._write_rollout(logger.writer, step)
-                # one agreement per step: a signal on any rank, or the wall-clock save period on rank 0
-                flags = torch.tensor([float(self.stop_signal == signal.SIGUSR2), float(self.stop_signal != 0),
-                                      float(self.rank == 0 and cfg.checkpoint.every_minutes > 0 and
-                                            time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes)])
-                if self.world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                requeue, stop, due = bool(flags[0]), bool(flags[1]) or step == t.stop_at, bool(flags[2])
-                periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-                if stop or due or periodic or step == t.steps:
-                    save()
-                    last_save = time.monotonic()
+                bad_run = self._stop_after_nonfinite_run(bad_run, scalars, step)
+                scalars.update({"perf/step_seconds": time.perf_counter() - t0, "perf/data_seconds": t_data})
+                tokens = self._count_consumed(micro[0])
+                self._log_metrics(logger, step, scalars, tokens)
+                self._write_images(logger.writer, step, stats, micro[-1], want_map)
+                requeue, stop, due = self._agree_stop_save(step)
+                if stop or due or self._periodic_save(step) or step == t.steps:
+                    self._save()
                 if stop:
                     outcome = "requeue" if requeue else "stopped"
                     if self.rank == 0:
@@ -418,9 +254,85 @@ class Trainer:
             self.loader.close()
         return outcome
 
+    # ----------------------------------------------------------------------------
+    # The loop's parts, in the order it calls them
+    # ----------------------------------------------------------------------------
+
+    def _stop_after_nonfinite_run(self, bad_run: int, scalars: dict, step: int) -> int:
+        """Steps skipped in a row so far; at train.max_nonfinite, save (the last good weights) and raise."""
+        t = self.cfg.train
+        bad_run = bad_run + 1 if scalars["train/skipped_steps"] else 0
+        if bad_run >= t.max_nonfinite:
+            self._save()                                     # nothing was applied since the last good step
+            raise NonFiniteLoss(
+                f"{bad_run} steps in a row (up to step {step}) had a non-finite loss and were skipped "
+                f"(train.max_nonfinite={t.max_nonfinite}); saved step {step}, whose weights are those of the "
+                "last good update, and stopped: check the data (loader stats in TensorBoard) or lower optim.lr")
+        return bad_run
+
+    def _count_consumed(self, batch: dict) -> int:
+        """Add the step's samples and tokens (all dp ranks) to the train state -> the step's tokens."""
+        tokens = self.samples_per_step * self.cfg.data.clip_frames * self._tokens_per_frame(batch)
+        self.state.samples += self.samples_per_step
+        self.state.tokens += tokens
+        return tokens
+
+    def _log_metrics(self, logger: MetricLogger, step: int, scalars: dict, tokens: int) -> None:
+        """Collective at log steps (the means over steps and ranks): rank 0 writes them and moves the bar."""
+        logger.add(scalars)
+        if step % self.cfg.log.every_steps == 0 or step == self.cfg.train.steps:
+            means = logger.log(step)
+            means["perf/tokens_per_s"] = tokens / max(means["perf/step_seconds"], 1e-9)
+            if logger.writer is not None:
+                logger.writer.add_scalar("perf/tokens_per_s", means["perf/tokens_per_s"], step)
+                logger.writer.add_scalar("data/samples_seen", self.state.samples, step)
+            logger.write_line(step, means)
+            logger.progress(step, means)
+        else:
+            logger.progress(step)
+
+    def _write_images(self, writer, step: int, stats: dict, batch: dict, want_map: bool) -> None:
+        """The retrieval heatmap at log.heatmap_every steps; a rollout (collective) at log.rollout_every steps."""
+        if want_map and writer is not None and "layers" in stats:
+            self._write_heatmap(writer, stats, batch, step)
+        if self.cfg.log.rollout_every and step % self.cfg.log.rollout_every == 0:
+            self._write_rollout(writer, step)
+
+    def _agree_stop_save(self, step: int) -> tuple[bool, bool, bool]:
+        """Collective, once per step -> (requeue, stop, save due by the clock): a signal on any rank, train.stop_at,
+        or rank 0's checkpoint.every_minutes period."""
+        ck = self.cfg.checkpoint
+        flags = [float(self.stop_signal == signal.SIGUSR2), float(self.stop_signal != 0),
+                 float(self.rank == 0 and ck.every_minutes > 0 and
+                       time.monotonic() - self._last_save >= 60 * ck.every_minutes)]
+        if self.world > 1:
+            agreed = torch.tensor(flags, device=self.comm_device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()                          # one device-to-host read, not one per flag
+        return bool(flags[0]), bool(flags[1]) or step == self.cfg.train.stop_at, bool(flags[2])
+
+    def _periodic_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return bool(every) and step % every == 0
+
+    def _save(self) -> None:
+        """Collective: the step's checkpoint, with this rank's loader cursor, RNG and EMA shard."""
+        cfg = self.cfg
+        start_seconds, t_start = self._fit_started
+        self.state.loader = self.loader.state_dict()
+        self.state.rng = rng_state()
+        self.state.train_seconds = start_seconds + time.monotonic() - t_start
+        if self.ema is not None:
+            self.state.ema = {n: s.clone() for n, s in self.ema.shadow.items()}
+        export = self.export_weights if cfg.checkpoint.export_weights else None
+        save_checkpoint(self.engine, cfg.run_dir, self.state, self.rank, cfg.checkpoint.keep,
+                        {"name": cfg.name, "precision": self.precision}, export)
+        self._last_save = time.monotonic()
+
     def _all_finite(self, loss) -> bool:
         """Whether every rank's loss is finite (agreed by an all-reduce, so all ranks skip or step together)."""
-        ok = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        # built on the device from the loss itself: the one host read is the .item() below
+        ok = torch.isfinite(loss.detach()).all().reshape(1).to(self.comm_device, torch.float32)
         if self.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
