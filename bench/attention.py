@@ -3,6 +3,11 @@
 Every strategy reads the same synthetic bank with the same queries in the same
 process, so ratios between rows are meaningful; absolute times depend on the
 machine (recorded in the output).
+
+``sparse_backends`` times the selected-block read of decmem and fov_frames once per backend (model/block_sparse.py);
+rows of a backend other than gather are labelled ``strategy[backend]``. On CPU the flex backend runs FlexAttention's
+reference implementation (every bank key's score materialised), not a fused kernel: its CPU times say nothing
+about the GPU kernel.
 """
 from __future__ import annotations
 
@@ -19,10 +24,13 @@ from decmem.model.kernels import resolve_backend
 from decmem.model.memory import BankLayer
 from decmem.model.retrieval import select_fov_frames
 
+SPARSE_READS = ("decmem", "fov_frames")     # strategies whose memory read is the selected-block path
 
-def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print):
-    """Time every (strategy, bank size); returns the list of result rows."""
+
+def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print, sparse_backends=None):
+    """Time every (strategy, sparse backend, bank size); returns the list of result rows."""
     b, a = cfg.bench, cfg.model.attention
+    sparse_backends = list(sparse_backends or [a.sparse_backend])
     if b.threads:
         torch.set_num_threads(b.threads)
     dtype = getattr(torch, b.dtype)
@@ -39,9 +47,12 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
                          pool_blocks(vb, a.block_size).view(Bt, H, T, -1, d))
         x = torch.randn(Bt, C * Nf, b.dim, generator=g).to(dev, dtype)
         Kc, c2w = orbit_cameras(T + C, (b.frame_h * 8, b.frame_w * 8))
-        for strategy in strategies:
+        runs = [(s, sb) for s in strategies for sb in (sparse_backends if s in SPARSE_READS else [a.sparse_backend])]
+        for strategy, sparse_backend in runs:
             torch.manual_seed(cfg.seed)
-            layer = DecMemAttention(b.dim, H, dataclasses.replace(a, strategy=strategy)).to(dev, dtype)
+            layer = DecMemAttention(b.dim, H, dataclasses.replace(a, strategy=strategy, sparse_backend=sparse_backend)
+                                    ).to(dev, dtype)
+            label = strategy if sparse_backend == "gather" or strategy not in SPARSE_READS else f"{strategy}[{sparse_backend}]"
 
             def step():
                 fov = None
@@ -63,7 +74,7 @@ def run_attention_bench(cfg, strategies, bank_frames, json_path=None, log=print)
                     if i >= b.warmup:
                         times.append((time.perf_counter() - t0) * 1e3)
             rows.append({
-                "strategy": strategy, "bank_frames": T, "tokens_per_frame": Nf, "bank_tokens": T * Nf,
+                "strategy": label, "sparse_backend": sparse_backend, "bank_frames": T, "tokens_per_frame": Nf, "bank_tokens": T * Nf,
                 "query_tokens": C * Nf, "attended_tokens": int(stats["attended_tokens"]),
                 "median_ms": statistics.median(times), "min_ms": min(times), "repeats": b.repeats,
                 "block_size": a.block_size, "top_k": a.top_k, "window": a.window, "heads": H, "head_dim": d,

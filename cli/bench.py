@@ -14,7 +14,7 @@ from decmem.bench.memory import ablation_table, parse_runs, run_memory_bench
 from decmem.bench.memory import format_table as memory_table
 from decmem.bench.outputs import write_bench_outputs
 from decmem.bench.train import cli_main as train_bench_main
-from decmem.cli.common import add_config_args, int_list, load_run_config, log, strategies
+from decmem.cli.common import add_config_args, int_list, load_run_config, log, sparse_backends, strategies
 from decmem.training.config import dump_config
 
 
@@ -36,7 +36,8 @@ def cmd_bench_attention(args) -> int:
     if args.repeats is not None:
         cfg.bench.repeats = args.repeats
     _dump_config(cfg, args.json)
-    rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json, log=log)
+    rows = run_attention_bench(cfg, args.strategies, args.bank_frames, json_path=args.json, log=log,
+                               sparse_backends=args.sparse_backends)
     rc = _print_rows(rows, attention_table, args.json)
     write_bench_outputs("attention", args.json)      # with --json: <stem>.png, <stem>.targets.json, targets table
     return rc
@@ -101,6 +102,9 @@ def add_parsers(sub) -> None:
     att.add_argument("--strategies", type=strategies, default=strategies("decmem,dense,dense_decay,fov_frames,window"),
                      help="comma-separated strategies (default: all)")
     att.add_argument("--bank-frames", type=int_list, default=[8, 32, 128, 512], help="comma-separated bank sizes in frames")
+    att.add_argument("--sparse-backends", type=sparse_backends, default=None,
+                     help="comma-separated selected-block reads to time for decmem and fov_frames (gather, flex); "
+                          "default: model.attention.sparse_backend. Rows other than gather are labelled strategy[backend]")
     att.add_argument("--json", default=None, help="write the result rows as a JSON list to this path")
     att.add_argument("--repeats", type=int, default=None, help="timed repeats per point (overrides bench.repeats)")
     add_config_args(att)

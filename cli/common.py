@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from decmem.model.attention import STRATEGIES
+from decmem.model.block_sparse import SPARSE_BACKENDS
 from decmem.training.config import load_config
 from decmem.training.run_config import RunConfig
 
@@ -24,6 +25,15 @@ def strategies(s: str) -> list[str]:
     bad = [v for v in vals if v not in STRATEGIES]
     if bad or not vals:
         raise argparse.ArgumentTypeError(f"unknown strategy {bad or s!r}; expected a comma-separated subset of {','.join(STRATEGIES)}")
+    return vals
+
+
+def sparse_backends(s: str) -> list[str]:
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in vals if v not in SPARSE_BACKENDS]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown sparse backend {bad or s!r}; expected a comma-separated subset of "
+                                         f"{','.join(SPARSE_BACKENDS)}")
     return vals
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from decmem.model.block_sparse import SPARSE_BACKENDS, attend_blocks_flex
 from decmem.model.blocks import pool_blocks
 from decmem.model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
 from decmem.model.memory import LOCAL, BankLayer, MemoryContext
@@ -62,12 +63,15 @@ class AttentionArgs:
     fov_frames: int = 4             # fov_frames: whole frames retrieved
     fov_age_penalty: float = 0.01   # fov_frames: coverage fraction lost per frame of age
     backend: str = "auto"           # attention kernel, see model/kernels.py
+    sparse_backend: str = "gather"  # the selected-block read: gather (copy blocks, then `backend`) or flex
+                                    # (FlexAttention block mask over the bank in place, model/block_sparse.py)
 
     def __post_init__(self):
         checks = [
             (self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", self.strategy),
             (self.merge in MERGES, "merge", f"one of {MERGES}", self.merge),
             (self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend),
+            (self.sparse_backend in SPARSE_BACKENDS, "sparse_backend", f"one of {SPARSE_BACKENDS}", self.sparse_backend),
             (self.block_size >= 1, "block_size", ">= 1", self.block_size),
             (self.top_k >= 1, "top_k", ">= 1", self.top_k),
             (self.window >= 1, "window", ">= 1 (frames, current included)", self.window),
@@ -374,11 +378,29 @@ class DecMemAttention(nn.Module):
         local = idx - lo
         owned = valid & (local >= 0) & (local < n_loc)
         local = torch.where(owned, local, torch.zeros_like(local))                  # [B, H, G, k]
+        if self.args.sparse_backend == "flex":
+            return self._attend_blocks_flex(qg, bank, local, owned, bias)
         kb = _gather_blocks(bank.k, local, Bs)                                      # [B, H, G, k*B, d]
         vb = _gather_blocks(bank.v, local, Bs)
         mask = owned.repeat_interleave(Bs, dim=-1)                                   # [B, H, G, k*B]
         tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
         return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
+
+    def _attend_blocks_flex(self, qg, bank, local, owned, bias):
+        """``_attend_blocks`` without the gather: a FlexAttention block mask over the local bank's tokens.
+
+        Query groups of n tokens (a query block for SGM, the whole chunk for fov_frames) become n / B query
+        blocks of B tokens, each reading its group's blocks; returns (out [B, H, G, n, d], lse [B, H, G, n]).
+        """
+        B, H, G, n, d = qg.shape
+        Bs = self.args.block_size
+        per = n // Bs
+        if per > 1:                                                                  # the group's blocks per query block
+            local, owned = local.repeat_interleave(per, dim=2), owned.repeat_interleave(per, dim=2)
+            bias = bias.repeat_interleave(per, dim=2) if bias is not None else None
+        out, lse = attend_blocks_flex(qg.reshape(B, H, G * n, d), _flat_tokens(bank.k), _flat_tokens(bank.v),
+                                      local, owned, bias, Bs)
+        return out.view(B, H, G, n, d), lse.view(B, H, G, n)
 
     # ----------------------------------------------------------------------------
     # Bookkeeping
@@ -474,6 +496,12 @@ def _flat_frames(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(B, H, T * n, e)
 
 
+def _flat_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Bank K/V [B, H, T, N_f, d] -> [B, H, T*N_f, d], a view whenever (T, N_f) merge (see _gather_blocks)."""
+    B, H, T, Nf, d = x.shape
+    return x.view(B, H, T * Nf, d) if x.stride(2) == Nf * x.stride(3) else x.reshape(B, H, T * Nf, d)
+
+
 def _gather_blocks(x: torch.Tensor, idx: torch.Tensor, Bs: int) -> torch.Tensor:
     """Tokens of bank blocks x [B, H, T, N_f, d] at block indices idx [B, H, G, k] -> [B, H, G, k*Bs, d].
 
@@ -482,7 +510,7 @@ def _gather_blocks(x: torch.Tensor, idx: torch.Tensor, Bs: int) -> torch.Tensor:
     (B*H*blocks) row index would instead copy the whole bank on every call.
     """
     B, H, T, Nf, d = x.shape
-    tokens = x.view(B, H, T * Nf, d) if x.stride(2) == Nf * x.stride(3) else x.reshape(B, H, T * Nf, d)
+    tokens = _flat_tokens(x)
     tok = (idx.unsqueeze(-1) * Bs + torch.arange(Bs, device=x.device)).flatten(-2)   # [B, H, G, k*Bs]
     b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
     h = torch.arange(H, device=x.device).view(1, H, 1, 1)

@@ -54,11 +54,12 @@ def chunk_positions(C, Nf, d, seed=0):
     B=st.integers(1, 2), H=st.sampled_from([1, 2]), Nf=st.sampled_from([4, 8, 16]), Bs_div=st.sampled_from([1, 2, 4]),
     T=st.integers(0, 9), C=st.integers(1, 2), W=st.integers(1, 4), k=st.integers(1, 12), extra=st.integers(0, 3),
     merge=st.sampled_from(["residual", "gate", "joint"]), bias=st.booleans(), coarse=st.booleans(),
-    positions=st.booleans(), drop=st.sampled_from(["none", "first", "all"]),
+    positions=st.booleans(), drop=st.sampled_from(["none", "first", "all"]), sparse=st.sampled_from(["gather", "flex"]),
 )
-def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias, coarse, positions, drop):
+def test_sparse_matches_masked_dense(B, H, Nf, Bs_div, T, C, W, k, extra, merge, bias, coarse, positions, drop, sparse):
     Bs = max(1, Nf // Bs_div)
-    m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias, coarse=coarse)
+    m = make(dim=8 * H, heads=H, block_size=Bs, top_k=k, window=W, merge=merge, retrieval_bias=bias, coarse=coarse,
+             sparse_backend=sparse)
     chunk_start = max(0, T - extra)  # bank may hold frames at/after the chunk: they must be ignored
     kb, vb, bank = random_bank(B, H, T, Nf, 8, Bs)
     x = torch.randn(B, C * Nf, 8 * H, dtype=F64)

@@ -89,6 +89,17 @@ def test_bench_attention_writes_rows(tmp_path):
     assert by[("decmem", 16)] == by[("decmem", 4)]        # flat in bank size
 
 
+def test_bench_attention_sparse_backends(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "attention", "-c", os.path.join(ROOT, "configs/debug.yaml"), "--strategies", "decmem,window",
+               "--sparse-backends", "gather,flex", "--bank-frames", "8", "--json", str(out), "bench.repeats=1"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["strategy"], r["sparse_backend"]) for r in rows] == [
+        ("decmem", "gather"), ("decmem[flex]", "flex"), ("window", "gather")]
+    assert rows[0]["attended_tokens"] == rows[1]["attended_tokens"]
+
+
 def test_console_script_help():
     exe = os.path.join(os.path.dirname(sys.executable), "decmem")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "decmem.cli"]
