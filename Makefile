@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.decmem-installed
 
-.PHONY: setup sysdeps test demo bench clean
+.PHONY: setup sysdeps test demo bench clean gpu-wheels gpu-check
 
 # Debian packages: headless rendering (MiniWorld over EGL, software GL) and a one-node SLURM for the tests
 # of `decmem submit` (devtools/local_cluster.py starts it on localhost).
@@ -42,6 +42,20 @@ demo: setup
 bench: setup
 	$(VENV)/bin/decmem bench attention -c configs/bench_cpu.yaml --bank-frames 8,32,128,448,512 \
 		--repeats 15 --json runs/bench/attention_cpu.json
+
+# The GPU check (devtools/gpu_check.py; README, "GPU check"). gpu-wheels runs here, with a registry: it builds
+# DeepSpeed without ops and downloads the other packages the GPU machine lacks (for its Python 3.12) into wheels/,
+# and fails over 60 MiB. gpu-check runs on the GPU machine, with that machine's python3 (torch + CUDA): it installs
+# wheels/ offline, then writes GPU_CHECK_OUT; on a machine without CUDA it records every GPU step as skipped.
+GPU_WHEELS ?= wheels
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= runs/gpu_check/gpu_check.json
+GPU_CHECK_ARGS ?=
+gpu-wheels: setup
+	$(PY) -m devtools.gpu_wheels --out $(GPU_WHEELS) --python-version 3.12 --limit-mib 60
+
+gpu-check:
+	$(GPU_PYTHON) -m devtools.gpu_check --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info
