@@ -262,8 +262,9 @@ def plan(args, work: str) -> dict:
                "bench_generate.chunks=1", "bench_generate.warmup_chunks=0", "bench_generate.threads=1",
                "bench_generate.device=cpu", "bench_generate.dtype=float32"]
     else:
+        # both SGM reads side by side (gather, FlexAttention block mask): issue #19 keeps the faster one
         att = [*py, "bench", "attention", "-c", "configs/bench_gpu.yaml", "--strategies", args.strategies,
-               "--bank-frames", args.attention_bank_frames]
+               "--bank-frames", args.attention_bank_frames, "--sparse-backends", "gather,flex"]
         gen_banks = [int(v) for v in args.generate_bank_frames.split(",") if v]
         gen = [*py, "bench", "generate", "-c", "configs/bench_generate_gpu.yaml", "--strategies", args.strategies]
     steps["bench_attention"] = {"commands": [(att + ["--json", os.path.join(work, "attention.json")],
