@@ -16,7 +16,7 @@ SGM = merge(sel, chunk); ALM = merge(window, chunk). Merges (``merge``):
   gate      o = G_s * SGM + G_a * ALM
   joint     o = merge(sel, window, chunk)  one softmax over the union
 and the coarse branch adds G_c * coarse. Gates are per head and token, sigmoid of
-a linear map of the current features. The coarse logits are the retrieval scores
+a linear map of the current features (``gate_act=tanh``: tanh, exactly closed at init). The coarse logits are the retrieval scores
 themselves, so every candidate block's score gets a gradient (the top-k selection
 alone passes one only to the blocks it picked, through the retrieval bias).
 Positions (PRoPE camera, 2-D and temporal RoPE: model/posenc.py) transform q, k,
@@ -39,6 +39,7 @@ from decmem.model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
 MERGES = ("residual", "gate", "joint")
+GATE_ACTS = ("sigmoid", "tanh")
 
 
 #################################################################################
@@ -59,6 +60,9 @@ class AttentionArgs:
     position_prior: float = 12.0    # init: q/k biases on the PRoPE/RoPE channels that add this many logits to a key
                                     # seen from the same viewing direction at the same grid cell (0 = off)
     gate_bias: float = 2.0          # init: sigmoid(+b) on ALM, sigmoid(-b) on SGM and the coarse branch
+    gate_act: str = "sigmoid"       # sigmoid: G = σ(z), biased by gate_bias; tanh: memory gates tanh(z) and the ALM
+                                    # gate 1 + tanh(z), z = 0 at init: the layer starts exactly as window + chunk
+                                    # attention, so a pretrained backbone is unchanged at step 0 (model/wan.py)
     decay: float = 0.05             # dense_decay: logit bias per frame of age
     fov_frames: int = 4             # fov_frames: whole frames retrieved
     fov_age_penalty: float = 0.01   # fov_frames: coverage fraction lost per frame of age
@@ -70,6 +74,7 @@ class AttentionArgs:
         checks = [
             (self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", self.strategy),
             (self.merge in MERGES, "merge", f"one of {MERGES}", self.merge),
+            (self.gate_act in GATE_ACTS, "gate_act", f"one of {GATE_ACTS}", self.gate_act),
             (self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend),
             (self.sparse_backend in SPARSE_BACKENDS, "sparse_backend", f"one of {SPARSE_BACKENDS}", self.sparse_backend),
             (self.block_size >= 1, "block_size", ">= 1", self.block_size),
@@ -105,22 +110,33 @@ class DecMemAttention(nn.Module):
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         self.dim, self.n_heads, self.head_dim, self.args = dim, n_heads, dim // n_heads, args
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.build_projections()
         # per head, one logit per gated branch, in the order of self.gates
         self.gates = gated_branches(args)
         self.gate = nn.Linear(dim, len(self.gates) * n_heads) if self.gates else None
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def build_projections(self):
+        """q/k/v and output projections. A backbone that brings its own (model/wan.py) overrides this,
+        ``reset_projections``, ``_heads`` and ``_out``; every branch, merge and gate below is shared."""
+        self.qkv = nn.Linear(self.dim, 3 * self.dim)
+        self.proj = nn.Linear(self.dim, self.dim)
+
+    def reset_projections(self):
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def reset_parameters(self):
+        self.reset_projections()
         if self.gate is not None:
             # gates start input-independent: ALM open, SGM and coarse small but non-zero, so every branch
             # carries gradient from step 0 and the memory reads enter as a learnable residue
             nn.init.zeros_(self.gate.weight)
+            if self.args.gate_act == "tanh":              # every gate exactly closed (ALM: exactly open) at init
+                nn.init.zeros_(self.gate.bias)
+                return
             with torch.no_grad():
                 for i, name in enumerate(self.gates):
                     self.gate.bias[i * self.n_heads:(i + 1) * self.n_heads].fill_(
@@ -165,10 +181,12 @@ class DecMemAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, H * d))          # [B, N, D]
 
     def _gate_values(self, x):
-        """Per gated branch: sigmoid gate [B, H, N] from the current features."""
+        """Per gated branch: gate [B, H, N] from the current features (``gate_act``)."""
         B, N, _ = x.shape
-        g = torch.sigmoid(self.gate(x)).view(B, N, len(self.gates), self.n_heads).permute(2, 0, 3, 1)  # [n, B, H, N]
-        return dict(zip(self.gates, g.unbind(0)))
+        z = self.gate(x).view(B, N, len(self.gates), self.n_heads).permute(2, 0, 3, 1)                  # [n, B, H, N]
+        if self.args.gate_act == "sigmoid":
+            return dict(zip(self.gates, torch.sigmoid(z).unbind(0)))
+        return {name: (1 + torch.tanh(g)) if name == "alm" else torch.tanh(g) for name, g in zip(self.gates, z.unbind(0))}
 
     # ----------------------------------------------------------------------------
     # Memory stream
@@ -186,8 +204,8 @@ class DecMemAttention(nn.Module):
         T, W, Nf = N // frame_tokens, self.args.window, frame_tokens
         self._check_frames(N, Nf)
         q, k, v = self._heads(x, pos)                                      # [B, H, T*N_f, d]
-        H, d = self.n_heads, self.head_dim
-        kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, d)
+        H, d = self.n_heads, q.shape[-1]                                   # d: channels per head as attended
+        kf, vf = k.view(B, H, T, Nf, d), v.view(B, H, T, Nf, v.shape[-1])
         if past is None and ctx is not None:
             past = ctx.memory_halo(kf, vf, W - 1)                          # cp: the previous ranks' last frames
         P = 0 if past is None else past[0].shape[2]
@@ -199,13 +217,13 @@ class DecMemAttention(nn.Module):
         kw = nn.functional.pad(k_all, pad).unfold(2, W, 1)[:, :, P:]       # [B, H, T, N_f, d, W]
         vw = nn.functional.pad(v_all, pad).unfold(2, W, 1)[:, :, P:]
         kw = kw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)      # [B, H, T, W*N_f, d]
-        vw = vw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, d)
+        vw = vw.permute(0, 1, 2, 5, 3, 4).reshape(B, H, T, W * Nf, -1)
         src = P + torch.arange(T, device=x.device)[:, None] - (W - 1) + torch.arange(W, device=x.device)  # [T, W]
         mask = (src >= 0).repeat_interleave(Nf, dim=1).expand(B, H, T, W * Nf)                         # [B, H, T, W*N_f]
         o, _ = attend(q.view(B, H, T, Nf, d), kw, vw, key_mask=mask, backend=self.args.backend)       # [B, H, T, N_f, d]
         k_pool = pool_blocks(kf, self.args.block_size).view(B, H, T, -1, d)                           # [B, H, T, n_b, d]
-        v_pool = pool_blocks(vf, self.args.block_size).view(B, H, T, -1, d)
-        return self._out(o.reshape(B, H, N, d), pos), BankLayer(kf, vf, k_pool, v_pool)
+        v_pool = pool_blocks(vf, self.args.block_size).view(B, H, T, -1, vf.shape[-1])
+        return self._out(o.reshape(B, H, N, -1), pos), BankLayer(kf, vf, k_pool, v_pool)
 
     # ----------------------------------------------------------------------------
     # Query stream
