@@ -163,6 +163,23 @@ def test_window_strategy_is_alm_only():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("merge", ["residual", "gate"])
+def test_tanh_gates_start_as_window_attention_and_learn(merge):
+    """gate_act=tanh (a pretrained backbone, model/wan.py): before any training decmem reads exactly what the
+    window strategy reads (SGM and coarse gates 0, ALM gate 1), and the gates get a gradient."""
+    kw = dict(block_size=4, window=3, top_k=2, merge=merge, gate_act="tanh")
+    torch.manual_seed(0)
+    m = DecMemAttention(16, 2, AttentionArgs(**kw)).double()
+    win = DecMemAttention(16, 2, AttentionArgs(strategy="window", **kw)).double()
+    win.load_state_dict(m.state_dict())
+    _, _, bank = random_bank(1, 2, 10, 8, 8, 4)
+    x = torch.randn(1, 16, 16, dtype=F64)
+    out, _ = m(x, bank, 9, 8)
+    torch.testing.assert_close(out, win(x, bank, 9, 8)[0], atol=1e-12, rtol=1e-12)
+    out.square().sum().backward()
+    assert m.gate.weight.grad.abs().sum() > 0 and m.gate.bias.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("strategy", ["window", "decmem", "fov_frames"])
 def test_dropped_window_reads_only_the_chunk_and_older_memory(strategy):
     """Window dropout (training): a sample with alm_keep False no longer sees its ALM frames; the other sample

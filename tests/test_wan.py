@@ -269,3 +269,19 @@ def test_random_init_from_config_and_text_context_file(tmp_path):
     save_file({"context": torch.randn(7, 5)}, str(f))
     with pytest.raises(ValueError, match=r"prompt\.safetensors.*context.*text_dim"):
         DecMemWan(CONFIG, WanArgs(chunk_frames=2, text_context=str(f), attention=att()))
+
+
+def test_paper_scale_shapes_on_meta():
+    """Wan2.1-T2V-1.3B's config: every pretrained tensor has diffusers' name and shape; 480x832 video ->
+    60x104 latents -> 1560 tokens per frame in 6 blocks of 260 (the issue's paper config)."""
+    cfg = dict(CONFIG, num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024)
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**cfg)
+        m = DecMemWan(cfg, WanArgs(attention=att(strategy="decmem", block_size=260, top_k=80, window=8)))
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items() if k not in m.new_keys()}
+    assert ours == want
+    assert 1.40e9 < sum(math.prod(s) for s in want.values()) < 1.45e9
+    lay = m.layout(60, 104)
+    assert (lay.tokens, lay.tokens // 260) == (1560, 6)
