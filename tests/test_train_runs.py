@@ -240,6 +240,9 @@ def tensorboard_tags(ctx):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert "retrieval/heatmap_query_frame_x_bank_frame" in images
     assert "rollout/ground_truth_vs_generated" in images
+    logged = set().union(*(set(r) - {"step"} for r in rows(ctx.run_dir)))
+    # the same numbers in both (README "Logs"), but the rollout's score, taken after the step's row is written
+    assert scalars - logged == {"rollout/mse_vs_ground_truth"} and logged <= scalars, (scalars - logged, logged - scalars)
     lr = [e.value for e in acc.Scalars("train/lr")]
     assert lr[0] < lr[4] and lr[-1] < max(lr)                    # warmup, then cosine decay
     gif = acc.Images("rollout/ground_truth_vs_generated")[0].encoded_image_string

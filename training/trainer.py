@@ -282,10 +282,12 @@ class Trainer:
         logger.add(scalars)
         if step % self.cfg.log.every_steps == 0 or step == self.cfg.train.steps:
             means = logger.log(step)
-            means["perf/tokens_per_s"] = tokens / max(means["perf/step_seconds"], 1e-9)
+            extra = {"perf/tokens_per_s": tokens / max(means["perf/step_seconds"], 1e-9),
+                     "data/samples_seen": float(self.state.samples)}
+            means.update(extra)                              # TensorBoard and metrics.jsonl carry the same keys
             if logger.writer is not None:
-                logger.writer.add_scalar("perf/tokens_per_s", means["perf/tokens_per_s"], step)
-                logger.writer.add_scalar("data/samples_seen", self.state.samples, step)
+                for k, v in extra.items():
+                    logger.writer.add_scalar(k, v, step)
             logger.write_line(step, means)
             logger.progress(step, means)
         else:
