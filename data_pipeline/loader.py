@@ -51,7 +51,8 @@ log = logging.getLogger("decmem.data")
 class DataArgs:
     """Where training samples come from and how each is drawn."""
 
-    data: str = ""                   # manifest.json, a dataset folder/prefix with one, or a brace pattern of shards
+    data: str = ""                   # manifest.json, a dataset folder/prefix with one, or a brace pattern of shards;
+                                     # several joined by '::' are read as one dataset
     clip_frames: int = 16            # latent frames per training sample: memory frames + target chunks
     target_chunks: int = 1           # target chunks per sample (DESIGN §2.4); 0 = every chunk after min_context
                                      # (the paper's teacher forcing: each chunk a noisy target reading the clean history)
@@ -129,9 +130,15 @@ class _Retry:
 
 
 def resolve_shards(data: str) -> list[str]:
-    """Shard URLs from a manifest, a dataset root holding manifest.json, a brace pattern, or one shard."""
+    """Shard URLs from a manifest, a dataset root holding manifest.json, a brace pattern, or one shard; several such
+    sources joined by ``::`` (webdataset's separator: braces already use commas) give their shards in that order."""
     if not data:
         raise ValueError("data: no dataset given (a manifest.json, a dataset folder or s3:// prefix, or shard-{..}.tar)")
+    if "::" in data:
+        parts = [p.strip() for p in data.split("::")]
+        if not all(parts):
+            raise ValueError(f"data: empty source between '::' in {data!r} (expected SOURCE::SOURCE...)")
+        return [url for part in parts for url in resolve_shards(part)]
     if "{" in data:
         return list(braceexpand(data))
     url = data if data.endswith("manifest.json") else storage.join(data, "manifest.json")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decmem.data_pipeline import preprocess as pp
-from decmem.data_pipeline.loader import DataArgs, ShardLoader
+from decmem.data_pipeline.loader import DataArgs, ShardLoader, resolve_shards
 from decmem.data_pipeline.preprocess import PreprocessArgs, preprocess
 from decmem.data_pipeline.synthetic import render_frames, synthetic_clip
 from decmem.data_pipeline.transforms import resize_clip
@@ -183,6 +183,24 @@ def test_every_chunk_teacher_forcing_tiles_the_clip(dataset):
         assert 8 - (s[-1] + 2) < 2                                  # no room left for another whole chunk
         phases.add(s[0])
     assert phases == {1, 2}
+
+
+def test_several_datasets_joined_with_double_colon(dataset, tmp_path):
+    """data.data=A::B (webdataset's separator) trains on both datasets: every shard of each, one epoch covers all."""
+    other = str(tmp_path / "other")
+    preprocess("clips=2,frames=40,hw=24x32,seed=50", other, args(), progress=False, log=lambda *_: None)
+    a, b = resolve_shards(dataset), resolve_shards(other)
+    assert resolve_shards(f"{dataset}::{other}") == a + b
+    assert resolve_shards(f"{dataset}::{os.path.join(other, 'manifest.json')}") == a + b
+    loader = ShardLoader(DataArgs(data=f"{dataset}::{other}", clip_frames=8, prefetch=0, interleave=2), 2)
+    keys = [loader.next_batch()["keys"][0] for _ in range(24)]           # one epoch: 18 + 6 samples
+    loader.close()
+    assert len(set(keys)) == 24                                          # no sample twice within the epoch
+    assert sum(k.startswith(("synthetic-00050", "synthetic-00051")) for k in keys) == 6
+    with pytest.raises(ValueError, match="data: empty source between '::'"):
+        resolve_shards(f"{dataset}::")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resolve_shards(f"{dataset}::{tmp_path}/nowhere")
 
 
 def test_corrupt_shard_in_the_middle_is_skipped_and_counted(dataset, tmp_path):

@@ -321,6 +321,11 @@ def test_check_data_errors_name_the_key(datasets, tmp_path):
         check_data(cfg_for("demo.yaml", "model.attention.block_size=7", data=datasets["rgb32"]))
     ok = check_data(cfg_for("demo.yaml", data=datasets["rgb32"]))
     assert ok["first_shard"].endswith("shard-000000.tar") and ok["shards"] == 8
+    two = check_data(cfg_for("demo.yaml", data=f"{datasets['rgb32']}::{datasets['rgb32']}"))   # '::' joins datasets
+    assert two["shards"] == 16 and two["frame_hw"] == ok["frame_hw"]
+    with pytest.raises(ValueError, match=r"data\.data: the '::' sources hold different latent frames: .*\[3, 32, 32\]"
+                                         r".*\[3, 16, 16\]"):
+        check_data(cfg_for("demo.yaml", "data.clip_frames=24", data=f"{datasets['rgb32']}::{datasets['rgb16']}"))
 
 
 def test_too_few_shards_for_the_data_parallel_ranks(datasets):

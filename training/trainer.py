@@ -368,16 +368,21 @@ class Trainer:
 
     @functools.cached_property
     def _codec(self) -> str:
-        """The codec the dataset was preprocessed with, from its manifest (read once)."""
-        first = resolve_shards(self.cfg.data.data)[0]
-        manifest = storage.join(first.rsplit("/", 1)[0], "manifest.json")
-        try:
-            data = storage.read_bytes(manifest)
-        except Exception as e:
-            if storage.is_missing(e):   # a shard pattern without a manifest: the loader decoded mp4 frames, i.e. pixels
-                return "pixels"
-            raise                       # a storage error must not label autoencoder-trained weights as pixels
-        return json.loads(data).get("config", {}).get("codec", "pixels")
+        """The codec the dataset was preprocessed with, from its manifest (read once); every '::' source must agree."""
+        codecs = {}
+        for source in self.cfg.data.data.split("::"):
+            first = resolve_shards(source.strip())[0]
+            manifest = storage.join(first.rsplit("/", 1)[0], "manifest.json")
+            try:
+                codecs[source] = json.loads(storage.read_bytes(manifest)).get("config", {}).get("codec", "pixels")
+            except Exception as e:
+                if not storage.is_missing(e):   # a storage error must not label autoencoder-trained weights as pixels
+                    raise
+                codecs[source] = "pixels"       # a shard pattern without a manifest: the loader decoded mp4 frames
+        if len(set(codecs.values())) > 1:
+            raise ValueError(f"data.data: the sources were preprocessed with different codecs ({codecs}); "
+                             "latents of different codecs cannot be trained together")
+        return next(iter(codecs.values()))
 
     def _frame_pixels(self) -> list[int]:
         return list(self.frame_hw) if self.frame_hw and self._codec == "pixels" else [0, 0]

@@ -121,30 +121,13 @@ def _first_sample_frames(url: str) -> int | None:
     return None
 
 
-def check_data(cfg) -> dict:
-    """Decode the first usable sample of the first shard and check it against the model.
-
-    Returns {shards, first_shard, frame_hw (latent h, w), channels, sample_frames}.
-    ValueError names the key at fault (data.data, data.clip_frames, model.latent_channels,
-    model.patch_size, model.attention.block_size) and what was expected.
-    """
-    m, d = cfg.model, cfg.data
-    try:
-        urls = resolve_shards(d.data)
-    except FileNotFoundError as e:
-        raise ValueError(f"data.data: {e}".replace("data.data: data: ", "data.data: ")) from None
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg.replace("data:", "data.data:", 1) if msg.startswith("data:") else
-                         f"data.data={d.data!r}: {msg}") from None
-    except Exception as e:  # unreachable storage, missing credentials (botocore's own exception types), ...
-        raise ValueError(f"data.data={d.data!r}: cannot read it ({type(e).__name__}: {e})") from None
-    first = urls[0]
+def _first_batch(d, m, first: str, n_urls: int) -> dict:
+    """The first usable sample of one shard; ValueError names the key at fault."""
     args = dataclasses.replace(d, data=first, prefetch=0, batch_size=1, interleave=1)
     try:
         loader = ShardLoader(args, m.chunk_frames)
     except FileNotFoundError:
-        raise ValueError(f"data.data: the first shard {first} (of {len(urls)}) does not exist") from None
+        raise ValueError(f"data.data: the first shard {first} (of {n_urls}) does not exist") from None
     except ValueError as e:  # clip_frames too short for min_context + a chunk
         raise ValueError(f"data.clip_frames={d.clip_frames}: {e}") from None
     try:
@@ -166,6 +149,35 @@ def check_data(cfg) -> dict:
         raise ValueError(f"data.data: reading the first shard {first} failed ({type(e).__name__}: {e})") from None
     finally:
         loader.close()
+    return batch
+
+
+def check_data(cfg) -> dict:
+    """Decode the first usable sample of the first shard (of each '::' source) and check it against the model.
+
+    Returns {shards, first_shard, frame_hw (latent h, w), channels, sample_frames}.
+    ValueError names the key at fault (data.data, data.clip_frames, model.latent_channels,
+    model.patch_size, model.attention.block_size) and what was expected.
+    """
+    m, d = cfg.model, cfg.data
+    try:
+        urls = resolve_shards(d.data)
+    except FileNotFoundError as e:
+        raise ValueError(f"data.data: {e}".replace("data.data: data: ", "data.data: ")) from None
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg.replace("data:", "data.data:", 1) if msg.startswith("data:") else
+                         f"data.data={d.data!r}: {msg}") from None
+    except Exception as e:  # unreachable storage, missing credentials (botocore's own exception types), ...
+        raise ValueError(f"data.data={d.data!r}: cannot read it ({type(e).__name__}: {e})") from None
+    firsts = [resolve_shards(src.strip())[0] for src in d.data.split("::")]   # one shard per '::' source
+    batches = [_first_batch(d, m, url, len(urls)) for url in firsts]
+    first, batch = firsts[0], batches[0]
+    for url, other in zip(firsts[1:], batches[1:]):
+        if other["latents"].shape[2:] != batch["latents"].shape[2:]:
+            raise ValueError(f"data.data: the '::' sources hold different latent frames: {first} "
+                             f"{list(batch['latents'].shape[2:])}, {url} {list(other['latents'].shape[2:])} "
+                             "(channels, h, w); expected one shape (preprocess them with the same codec and size)")
     lat = batch["latents"]                                               # [1, T, C, h, w]
     _, T, ch, h, w = lat.shape
     if ch != m.latent_channels:
