@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from decmem.data_pipeline import storage
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.training.context_parallel import Layout, shard_range
 from decmem.training.validate import (
     bank_frames,
@@ -67,9 +67,9 @@ def _fmt_groups(groups: list[list[int]], limit: int = 8) -> str:
 def _build_meta_model(cfg):
     try:
         with torch.device("meta"):
-            return VideoDiT(cfg.model)
+            return build_model(cfg.model)       # a Wan shape from model.wan.transformer: no download needed
     except Exception:  # an init op without a meta kernel: a real (CPU) model, which is only slower
-        return VideoDiT(cfg.model)
+        return build_model(cfg.model)
 
 
 def _param_stats(cfg) -> tuple[int, int]:
