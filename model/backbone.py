@@ -57,4 +57,5 @@ def derived_shape(cfg: dict) -> dict:
     """ModelArgs fields a Wan config fixes (the trainer, dry run and data checks read them from model.*)."""
     return dict(dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], depth=cfg["num_layers"],
                 n_heads=cfg["num_attention_heads"], patch_size=cfg["patch_size"][1],
-                latent_channels=cfg["in_channels"])
+                latent_channels=cfg["in_channels"], mlp_ratio=cfg["ffn_dim"] / (cfg["num_attention_heads"] *
+                                                                               cfg["attention_head_dim"]))

@@ -23,6 +23,7 @@ from test_trainer import assert_close_weights, batch_of, run_world, samples  # n
 from decmem.cli.main import main  # noqa: E402
 from decmem.data_pipeline.clip import save_clip  # noqa: E402
 from decmem.data_pipeline.synthetic import synthetic_clip  # noqa: E402
+from decmem.model.factory import same_network  # noqa: E402
 from decmem.training.config import load_config  # noqa: E402
 from decmem.training.weights import load_weights  # noqa: E402
 
@@ -146,3 +147,24 @@ def test_wan_config_errors_name_the_key(tmp_path):
         load_config(RunConfig, cfg, ["model.backbone=wan", f"model.wan.pretrained={tmp_path}/nope"])
     with pytest.raises(ValueError, match=r"unknown key 'model\.backbon'"):
         load_config(RunConfig, cfg, ["model.backbon=wan"])
+
+
+def test_wan_paper_dry_run_without_the_download():
+    """configs/wan_paper.yaml: the 1.3B shape from the YAML alone; 1560 tokens per frame; the cp = 1, 2, 4, 8 table."""
+    from decmem.training.dry_run import run_dry_run
+    from decmem.training.run_config import RunConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(RunConfig, os.path.join(root, "configs", "wan_paper.yaml"))
+    assert not os.path.exists(cfg.model.wan.pretrained)
+    lines = []
+    res = run_dry_run(cfg, 8, log=lines.append, frame_hw=(60, 104), device_memory=80 * 2**30)
+    assert 1.40e9 < res["params"] < 1.6e9 and res["tokens_per_frame"] == 1560
+    assert [r["cp"] for r in res["layouts"]] == [1, 2, 4, 8] and all(r["world"] == 8 for r in res["layouts"])
+    assert any(line.startswith("layouts on 80 GiB GPUs") for line in lines)
+    for stage in ("wan_stage1.yaml", "wan_stage2.yaml"):        # the two stages describe the same network
+        c = load_config(RunConfig, os.path.join(root, "configs", stage))
+        assert c.model.wan.transformer == cfg.model.wan.transformer
+    s1, s2 = (load_config(RunConfig, os.path.join(root, "configs", f)) for f in ("wan_stage1.yaml", "wan_stage2.yaml"))
+    assert s1.model.attention.strategy == "dense" and s2.model.attention.strategy == "decmem"
+    assert same_network(s1.model, s2.model) and s2.checkpoint.init_weights.startswith(s1.run_dir)
