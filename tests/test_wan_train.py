@@ -168,3 +168,18 @@ def test_wan_paper_dry_run_without_the_download():
     s1, s2 = (load_config(RunConfig, os.path.join(root, "configs", f)) for f in ("wan_stage1.yaml", "wan_stage2.yaml"))
     assert s1.model.attention.strategy == "dense" and s2.model.attention.strategy == "decmem"
     assert same_network(s1.model, s2.model) and s2.checkpoint.init_weights.startswith(s1.run_dir)
+
+
+def test_wan_stage_two_starts_from_stage_one_weights(tmp_path, data, wan_dir, straight):
+    """checkpoint.init_weights carries a Wan run into one with another read strategy (stage 1 -> stage 2)."""
+    init = os.path.join(straight, "checkpoints", f"step-{STEPS}", "weights")
+    run_dir = str(tmp_path / "run")
+    r = train_cli(run_dir, data, *wan(wan_dir), "model.attention.strategy=dense", "train.steps=1", "log.every_steps=1",
+                  "optim.lr=1e-12", "checkpoint.resume=none", f"checkpoint.init_weights={init}", nproc=1)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = load_file(os.path.join(run_dir, "checkpoints", "step-1", "weights", "model.safetensors"))
+    want = load_file(os.path.join(init, "model.safetensors"))
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6   # started from stage 1, lr ~ 0
+    r = train_cli(str(tmp_path / "bad"), data, *wan(wan_dir), "model.action_dim=2", "train.steps=1",
+                  "checkpoint.resume=none", f"checkpoint.init_weights={init}", nproc=1)
+    assert r.returncode != 0 and "its model config differs" in r.stderr, r.stderr[-3000:]
