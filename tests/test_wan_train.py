@@ -143,7 +143,8 @@ def test_wan_config_errors_name_the_key(tmp_path):
     cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "debug.yaml")
     with pytest.raises(ValueError, match=r"model\.wan: pretrained: .*needs model\.wan\.pretrained"):
         load_config(RunConfig, cfg, ["model.backbone=wan"])
-    with pytest.raises(ValueError, match=rf"model\.wan: pretrained: {tmp_path}/nope: no such folder"):
+    with pytest.raises(ValueError, match=rf"override 'model\.wan\.pretrained=.*': model\.wan: pretrained: {tmp_path}/nope: "
+                                         "no such folder"):
         load_config(RunConfig, cfg, ["model.backbone=wan", f"model.wan.pretrained={tmp_path}/nope"])
     with pytest.raises(ValueError, match=r"unknown key 'model\.backbon'"):
         load_config(RunConfig, cfg, ["model.backbon=wan"])
