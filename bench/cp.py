@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from decmem.bench.common import orbit_cameras
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.training.config import config_from_dict, to_dict
 from decmem.training.context_parallel import CPMemory, Layout, build_groups
 from decmem.training.distributed import free_port, init_loopback_group
@@ -24,7 +24,7 @@ def _worker(rank, world, port, cfg_dict, T, out_path):
     try:
         cfg = config_from_dict(RunConfig, cfg_dict)
         torch.manual_seed(0)
-        model = VideoDiT(cfg.model).eval()
+        model = build_model(cfg.model).eval()
         b = cfg.bench_generate
         C, h, w = cfg.model.chunk_frames, b.latent_h, b.latent_w
         layout = Layout.make(world, world, rank)
@@ -103,7 +103,7 @@ def run_cp_bench(cfg, cps, bank_frames, json_path=None, log=print):
 
 def _single_bank_bytes(cfg, T):
     torch.manual_seed(0)
-    model = VideoDiT(cfg.model).eval()
+    model = build_model(cfg.model).eval()
     b = cfg.bench_generate
     K, c2w = orbit_cameras(T, (b.latent_h, b.latent_w))
     with torch.no_grad():

@@ -20,7 +20,7 @@ from decmem.data_pipeline.loader import DataArgs, ShardLoader
 from decmem.data_pipeline.preprocess import PreprocessArgs, preprocess
 from decmem.data_pipeline.sources import get_source
 from decmem.model.diffusion import rectified_flow_loss
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 
 
 def _loader_rate(data: str, clip_frames: int, chunk_frames: int, n: int, warmup: int = 4) -> float:
@@ -38,7 +38,7 @@ def _loader_rate(data: str, clip_frames: int, chunk_frames: int, n: int, warmup:
 def _trainer_rate(cfg, hw, clip_frames: int, steps: int = 3) -> float:
     """Samples per second one optimizer step of the configured model consumes (batch 1, one target chunk)."""
     torch.manual_seed(0)
-    model = VideoDiT(cfg.model)
+    model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lat = torch.randn(1, clip_frames, cfg.model.latent_channels, *hw)
     K = torch.tensor([[hw[1], 0, hw[1] / 2], [0, hw[1], hw[0] / 2], [0, 0, 1.0]]).expand(1, clip_frames, 3, 3)

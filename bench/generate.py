@@ -18,7 +18,7 @@ import torch
 from decmem.bench.common import add_ratio, current_rss_mb, orbit_cameras, peak_rss_mb, reset_peak_rss, write_rows
 from decmem.model.camera import relative_poses
 from decmem.model.diffusion import DiffusionArgs
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.model.rollout import rollout
 from decmem.training.config import config_from_dict, to_dict
 from decmem.training.run_config import RunConfig
@@ -33,7 +33,7 @@ def _point(cfg_dict: dict, strategy: str, bank_frames: int) -> dict:
     torch.manual_seed(cfg.seed)
     args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
     dev, dtype = torch.device(b.device), getattr(torch, b.dtype)
-    model = VideoDiT(args).eval().to(dev, dtype)
+    model = build_model(args).eval().to(dev, dtype)
     h, w = b.latent_h, b.latent_w
     C = args.chunk_frames
     n_new = C * (b.warmup_chunks + b.chunks)

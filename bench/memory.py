@@ -32,7 +32,7 @@ from decmem.bench.common import write_rows
 from decmem.bench.figures import figure, line_plot, save_figure
 from decmem.bench.targets import target
 from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.training.config import config_from_dict, to_dict
 from decmem.training.run_config import MemoryProbeArgs, RunConfig
 
@@ -146,7 +146,7 @@ def train_run(cfg_dict: dict, name: str, strategy: str, overrides: list[str], th
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed + seed)
-    model = VideoDiT(cfg.model)
+    model = build_model(cfg.model)
     C, W = cfg.model.chunk_frames, cfg.model.attention.window
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup)))

@@ -49,7 +49,7 @@ from decmem.bench.common import (
 )
 from decmem.model.camera import relative_poses
 from decmem.model.diffusion import rectified_flow_loss
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.training.config import dump_config
 from decmem.training.engine import apply_activation_checkpointing
 from decmem.training.optim import build_optimizer
@@ -99,7 +99,7 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     args = dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy))
-    model = VideoDiT(args).train()
+    model = build_model(args).train()
     if cfg.train.activation_checkpointing:        # the trainer's own wrapping (what train.activation_checkpointing does)
 
         apply_activation_checkpointing(model)

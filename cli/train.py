@@ -22,6 +22,14 @@ from decmem.training.validate import check_data, validate
 CLI_MODULE = "decmem.cli"  # what `--nproc N` runs in each process: python -m decmem.cli train ...
 
 
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW latent frame size (e.g. 60x104), got {text!r}") from None
+    return h, w
+
+
 def cmd_train(args) -> int:
     cfg = load_run_config(args)                                      # a typo fails here, before any process starts
     inside = env_rank_world()[2] > 1 or "RANK" in os.environ          # already one rank of a launched world
@@ -31,7 +39,7 @@ def cmd_train(args) -> int:
             world = cfg.train.cp                                     # the smallest world this layout runs on
             print(f"(no --nproc given: showing world = train.cp = {world})")
         try:
-            run_dry_run(cfg, world, log=log)
+            run_dry_run(cfg, world, log=log, frame_hw=args.latent_hw)
         except (ValueError, FileNotFoundError) as e:
             return fail(str(e))
         return 0
@@ -115,6 +123,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--dry-run", action="store_true",
                     help="print layout, parameter count, tokens per step, per-rank memory estimate; check the data; "
                          "start nothing")
+    tr.add_argument("--latent-hw", type=_hw, default=None, metavar="HxW",
+                    help="--dry-run: estimate for HxW latent frames without opening the data (e.g. 60x104)")
     tr.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     tr.set_defaults(func=cmd_train)
 

@@ -92,7 +92,7 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
         pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats,
                             alm_keep=keep)
         losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
-    stats["bank_tokens"] = last * (latents.shape[-2] * latents.shape[-1]) // model.args.patch_size ** 2
+    stats["bank_tokens"] = last * model.layout(*latents.shape[-2:]).tokens
     if ctx is not None:
         stats["cp_bytes"] = ctx.bytes_moved()
     return torch.stack(losses).mean(), stats

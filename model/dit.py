@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from decmem.model.attention import AttentionArgs, DecMemAttention
+from decmem.model.backbone import BACKBONES, WanBackboneArgs, derived_shape, resolve_wan_config
 from decmem.model.bank import MemoryBank
 from decmem.model.blocks import BlockLayout
 from decmem.model.camera import plucker_rays
@@ -39,6 +40,7 @@ SIZES = {
 class ModelArgs:
     """The network: a named size (dim/depth/n_heads 0 = take the size's) and its conditioning."""
 
+    backbone: str = "dit"          # dit: this project's DiT; wan: a pretrained Wan2.1 transformer (model.wan.*)
     size: str = "debug"
     dim: int = 0
     depth: int = 0
@@ -52,8 +54,19 @@ class ModelArgs:
     position: str = "rope"         # rope: 2-D spatial + temporal RoPE inside attention; sincos: added embeddings
     frame_pos: bool = True         # sincos only: sinusoidal embedding of the frame's index in the clip
     attention: AttentionArgs = field(default_factory=AttentionArgs)
+    # backbone=wan: dim, depth, n_heads, patch_size and latent_channels are set from its config (size is unused)
+    wan: WanBackboneArgs = field(default_factory=WanBackboneArgs)
 
     def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.backbone == "wan":
+            try:
+                self.wan.transformer = resolve_wan_config(self.wan)
+            except ValueError as e:                 # located at model.wan (ConfigError adds file and line)
+                raise ValueError(f"wan: {e}") from None
+            for key, val in derived_shape(self.wan.transformer).items():
+                setattr(self, key, val)
         if self.size not in SIZES:
             raise ValueError(f"size: expected one of {list(SIZES)}, got {self.size!r}")
         for key, val in SIZES[self.size].items():

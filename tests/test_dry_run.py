@@ -26,10 +26,12 @@ DATASETS = {
     "rgb16": (8, 24, 3, (16, 16)),      # pixels codec, 16x16 frames
     "rgb32": (8, 30, 3, (32, 32)),      # pixels codec, 32x32 frames (demo)
     "sd32": (2, 245, 4, (32, 32)),      # SD-VAE latents of 256x256 video, minute-long clips (paper)
+    "wan60": (2, 64, 16, (60, 104)),    # Wan VAE latents of 480x832 video (the Wan configs)
 }
 # the test dataset matching each config's model (a config not listed gets rgb32, or sd32 for 4 channels)
 CONFIG_DATA = {"debug.yaml": "rgb16", "bench_cpu.yaml": "rgb16", "bench_generate_cpu.yaml": "rgb32",
-               "demo.yaml": "rgb32", "paper.yaml": "sd32"}
+               "demo.yaml": "rgb32", "paper.yaml": "sd32", "wan_paper.yaml": "wan60", "wan_stage1.yaml": "wan60",
+               "wan_stage2.yaml": "wan60"}
 # the GPU bench configs set up one attention layer / a generation on cuda at 480p latents: not training runs
 # (tests/test_cli_config.py checks that they resolve)
 ALL_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))

@@ -137,7 +137,8 @@ def _set_dotted(data: dict, key: str, value, src: str):
 
 
 def _build(cls, data, prefix: str, origin: dict, default_src: str):
-    where = lambda key: origin.get(key, default_src)  # noqa: E731
+    def where(key):  # a section's own line, else where one of its keys was set (e.g. an override of a sub-key)
+        return origin.get(key) or next((v for k, v in origin.items() if k.startswith(key + ".")), default_src)
     if not isinstance(data, dict):
         raise ConfigError(f"{where(prefix.rstrip('.'))}: '{prefix.rstrip('.')}' is a section, expected a mapping, got {data!r}")
     hints = get_type_hints(cls)

@@ -14,10 +14,12 @@ Semantics (the trainer's, DESIGN §2.4, §4, §5):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from decmem.data_pipeline import storage
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.training.context_parallel import Layout, shard_range
 from decmem.training.validate import (
     bank_frames,
@@ -67,9 +69,9 @@ def _fmt_groups(groups: list[list[int]], limit: int = 8) -> str:
 def _build_meta_model(cfg):
     try:
         with torch.device("meta"):
-            return VideoDiT(cfg.model)
+            return build_model(cfg.model)       # a Wan shape from model.wan.transformer: no download needed
     except Exception:  # an init op without a meta kernel: a real (CPU) model, which is only slower
-        return VideoDiT(cfg.model)
+        return build_model(cfg.model)
 
 
 def _param_stats(cfg) -> tuple[int, int]:
@@ -231,6 +233,25 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     return out
 
 
+#################################################################################
+#                                  Layouts Table                                #
+#################################################################################
+
+TABLE_CPS = (1, 2, 4, 8)
+GPU_80GB = 80 * GiB                                   # the 80 GB GPUs the paper-scale configs plan for
+
+
+def layout_table(cfg, world: int, frame_hw: tuple[int, int], device_memory: float = GPU_80GB) -> list[dict]:
+    """Per-rank memory of this config under cp = 1, 2, 4, 8 (world: the given one if cp divides it, else cp)."""
+    rows = []
+    for cp in TABLE_CPS:
+        w = world if world % cp == 0 else cp
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cp=cp))
+        total = estimate_memory(c, w, frame_hw)["total"]
+        rows.append({"cp": cp, "world": w, "dp": w // cp, "total": total, "fits": total <= device_memory})
+    return rows
+
+
 MODEL_STATE_KEYS = ("params", "grads", "optimizer", "ema", "params_gathered")
 ACTIVATION_KEYS = ("bank_kv", "activations", "workspace", "cp_buffers")
 
@@ -294,7 +315,8 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         f"{'on' if t.activation_checkpointing else 'off'}, EMA {t.ema if t.ema else 'off'}"
         + (f"   ({how})" if how else ""),
         "model",
-        f"  size {m.size}: dim {m.dim}, depth {m.depth}, heads {m.n_heads}, patch {m.patch_size}, "
+        (f"  Wan ({m.wan.pretrained or 'shape from model.wan.transformer'}): " if m.backbone == "wan" else
+         f"  size {m.size}: ") + f"dim {m.dim}, depth {m.depth}, heads {m.n_heads}, patch {m.patch_size}, "
         f"latent channels {m.latent_channels}, chunk {m.chunk_frames} frames",
         f"  parameters {n_params:,} ({n_params / 1e6:.1f} M)",
         f"  attention {a.strategy}: block {a.block_size} tokens, top_k {a.top_k}, window {a.window} frames, "
@@ -336,6 +358,13 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
     small = f"  ({format_bytes(mem['total'])})" if mem["total"] < 0.1 * GiB else ""
     lines.append(f"  {'total':<44} {mem['total'] / GiB:9.3f} GiB{small}" +
                  (f"  (device: {device_memory / GiB:.1f} GiB)" if device_memory else ""))
+    table = layout_table(cfg, world, frame_hw)
+    lines.append(f"layouts on {GPU_80GB / GiB:.0f} GiB GPUs (same config, train.cp varied; world = {world} where cp "
+                 "divides it, else cp)")
+    lines.append(f"  {'cp':>3} {'world':>6} {'dp':>4} {'per-rank total':>15}  fits")
+    for row in table:
+        lines.append(f"  {row['cp']:>3} {row['world']:>6} {row['dp']:>4} {row['total'] / GiB:11.2f} GiB  "
+                     f"{'yes' if row['fits'] else 'NO'}")
     lines.append("data")
     if unreachable:
         lines.append(f"  NOT CHECKED: {d.data} cannot be reached from this machine ({unreachable})")
@@ -358,5 +387,5 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         "device": device, "precision": precision, "params": n_params,
         "samples_per_step": samples, "tokens_per_step": tokens, "target_tokens_per_step": target_tokens,
         "tokens_per_frame": Nf, "bank_frames": bank_frames(cfg), "bank_frames_per_rank": mem["local_bank_frames"],
-        "bank_shards": shards, "memory": mem, "data": data, "warnings": warnings, "report": "\n".join(lines),
+        "bank_shards": shards, "memory": mem, "layouts": table, "data": data, "warnings": warnings, "report": "\n".join(lines),
     }

@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model as build_network
+from decmem.model.factory import same_network
 from decmem.training.checkpoint_integrity import CheckpointRefused
 from decmem.training.optim import build_optimizer, build_scheduler
 from decmem.training.weights import load_weights
@@ -21,9 +22,10 @@ from decmem.training.weights import load_weights
 #################################################################################
 
 class TrainModule(nn.Module):
-    """The DiT and its objective in one forward, so DeepSpeed's engine (and ZeRO-3's hooks) drive every call."""
+    """The network (DiT or DecMem-Wan) and its objective in one forward, so DeepSpeed's engine (and ZeRO-3's
+    hooks) drive every call."""
 
-    def __init__(self, model: VideoDiT, diffusion: DiffusionArgs):
+    def __init__(self, model: nn.Module, diffusion: DiffusionArgs):
         super().__init__()
         self.model, self.diffusion = model, diffusion
 
@@ -32,8 +34,8 @@ class TrainModule(nn.Module):
                                    generators, ctx, return_stats)
 
 
-def apply_activation_checkpointing(model: VideoDiT) -> None:
-    """Recompute each DiT block (memory and query stream) in backward instead of keeping its activations.
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block (DiT or Wan) (memory and query stream) in backward instead of keeping its activations.
 
     Needs train.zero_stage <= 2: under ZeRO-3 the recompute runs inside backward, and its forward hooks
     release the parameters the surrounding backward has just gathered (DeepSpeed 0.19, torch's and
@@ -65,26 +67,29 @@ def deepspeed_config(cfg, world: int, precision: str) -> dict:
     }
 
 
-def build_model(cfg) -> VideoDiT:
-    """The DiT of ``cfg.model``, identical on every rank (seeded), optionally from ``checkpoint.init_weights``."""
+def build_model(cfg) -> nn.Module:
+    """The network of ``cfg.model``, identical on every rank (seeded), from ``checkpoint.init_weights`` if set, else
+    (Wan) from the pretrained folder ``model.wan.pretrained``."""
     torch.manual_seed(cfg.seed)                     # identical initial weights on every rank
-    model = VideoDiT(cfg.model)
-    if cfg.checkpoint.init_weights:
-        init_from_weights(model, cfg.checkpoint.init_weights)
+    init = cfg.checkpoint.init_weights
+    model = build_network(cfg.model, load_pretrained=cfg.model.backbone == "wan" and not init)
+    if init:                                        # holds every tensor: the pretrained folder is not read
+        init_from_weights(model, cfg.model, init)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     return model
 
 
-def init_from_weights(model: VideoDiT, weights_dir: str) -> None:
+def init_from_weights(model: nn.Module, args, weights_dir: str) -> None:
     try:
         src, wcfg = load_weights(weights_dir)
     except (ValueError, FileNotFoundError) as e:   # a changed or unreadable file: one line, on every rank alike
         err = CheckpointRefused(f"checkpoint.init_weights={weights_dir}: {e}")
         err.on_every_rank = True
         raise err from None
-    if wcfg.model != model.args:
-        raise ValueError(f"checkpoint.init_weights={weights_dir}: its model config differs from model.* of this run")
+    if not same_network(wcfg.model, args):         # a changed read strategy is allowed: stage 1 -> stage 2
+        raise ValueError(f"checkpoint.init_weights={weights_dir}: its model config differs from model.* of this run "
+                         "(beyond model.attention's read settings)")
     model.load_state_dict(src.state_dict())
 
 

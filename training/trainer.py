@@ -17,7 +17,7 @@ import yaml
 from decmem.data_pipeline import storage
 from decmem.data_pipeline.loader import ShardLoader, resolve_shards
 from decmem.model.diffusion import DiffusionArgs
-from decmem.model.dit import VideoDiT
+from decmem.model.factory import build_model
 from decmem.model.rollout import rollout
 from decmem.training.checkpoint import (
     TrainState,
@@ -361,7 +361,8 @@ class Trainer:
                 out = os.path.join(ckpt_dir, sub)
                 try:
                     save_weights(self.engine.module.model, out, self.cfg.diffusion,
-                                 codec=self._codec, frame_hw=self._frame_pixels(), state_dict=sd)
+                                 codec=self._codec, frame_hw=self._frame_pixels(), state_dict=sd,
+                                 model_args=self.cfg.model)
                 except Exception as e:
                     errors.append(describe_write_error(os.path.join(out, "model.safetensors"), e))
         return errors
@@ -401,7 +402,7 @@ class Trainer:
         sd = gather_state_dict(self.engine.module, self.rank, self.ema)
         if self.rank != 0:
             return
-        model = VideoDiT(self.cfg.model)
+        model = build_model(self.cfg.model)                # every tensor comes from sd
         model.load_state_dict(sd)
         model.eval()
         clip = self._validation_clip()

@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from decmem.model.diffusion import DiffusionArgs
-from decmem.model.dit import ModelArgs, VideoDiT
+from decmem.model.dit import ModelArgs
+from decmem.model.factory import build_model
 from decmem.training.config import ConfigError, dump_config, load_config
 
 FORMAT = "decmem-weights/1"
@@ -31,15 +33,19 @@ class WeightsConfig:
     sha256: str = ""                      # of model.safetensors, written with it ("" in older folders: not checked)
 
 
-def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None = None, codec: str = "pixels",
-                 frame_hw=(0, 0), state_dict: dict | None = None) -> str:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml`` (temporary names, then renamed)."""
+def save_weights(model: nn.Module, out_dir: str, diffusion: DiffusionArgs | None = None, codec: str = "pixels",
+                 frame_hw=(0, 0), state_dict: dict | None = None, model_args: ModelArgs | None = None) -> str:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml`` (temporary names, then renamed).
+
+    ``model_args``: the run's model.* (default ``model.args``, a VideoDiT's). For a Wan model it carries
+    model.wan.transformer, so the folder rebuilds the network without the pretrained download.
+    """
     os.makedirs(out_dir, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT})
-    cfg = WeightsConfig(codec=codec, frame_hw=list(frame_hw), model=model.args, diffusion=diffusion or DiffusionArgs(),
+    cfg = WeightsConfig(codec=codec, frame_hw=list(frame_hw), model=model_args or model.args, diffusion=diffusion or DiffusionArgs(),
                         sha256=file_sha256(tmp))
     dump_config(cfg, os.path.join(out_dir, "config.yaml.tmp"))
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
@@ -47,8 +53,9 @@ def save_weights(model: VideoDiT, out_dir: str, diffusion: DiffusionArgs | None 
     return out_dir
 
 
-def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=()) -> tuple[VideoDiT, WeightsConfig]:
-    """Build the model from ``config.yaml`` and load ``model.safetensors`` strictly (no pickle)."""
+def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=()) -> tuple[nn.Module, WeightsConfig]:
+    """Build the model from ``config.yaml`` and load ``model.safetensors`` strictly (no pickle); a Wan model is
+    built from the recorded model.wan.transformer, never from the pretrained folder."""
     cfg_path, st_path = os.path.join(weights_dir, "config.yaml"), os.path.join(weights_dir, "model.safetensors")
     for p in (cfg_path, st_path):
         if not os.path.isfile(p):
@@ -57,7 +64,7 @@ def load_weights(weights_dir: str, device="cpu", dtype=torch.float32, overrides=
     cfg = load_config(WeightsConfig, cfg_path, overrides)
     if cfg.format != FORMAT:
         raise ConfigError(f"{cfg_path}: format {cfg.format!r} is not {FORMAT!r}")
-    model = VideoDiT(cfg.model)
+    model = build_model(cfg.model)
     try:
         sd = load_file(st_path)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
