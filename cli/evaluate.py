@@ -15,7 +15,8 @@ def cmd_generate(args) -> int:
     try:
         summary = generate(args.weights, args.clip, args.init_frames, args.frames, args.out, args.strategy,
                            args.steps, args.seed, args.device, args.teacher_forcing, args.save_bank,
-                           overrides=args.overrides)
+                           overrides=list(args.overrides) + ([f"diffusion.action_cfg={args.action_cfg}"]
+                                                             if args.action_cfg is not None else []))
     except (ValueError, FileNotFoundError, ConfigError) as e:      # a missing clip or weights, too many frames
         return fail(str(e))
     print(f"generated {summary['generated_latents']} latents with {summary['strategy']}: "
@@ -79,6 +80,9 @@ def add_parsers(sub) -> None:
     gen.add_argument("--out", required=True, help="output folder")
     gen.add_argument("--strategy", choices=STRATEGIES, default=None, help="memory read (default: the weights' own)")
     gen.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: the weights' own)")
+    gen.add_argument("--action-cfg", type=float, default=None, metavar="S",
+                     help="action classifier-free guidance scale (the paper: 7.5; needs a model trained with "
+                          "diffusion.action_dropout > 0 and a clip with actions; default: the weights' own, 1 = off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--teacher-forcing", action="store_true",

@@ -54,6 +54,10 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
                          f"--init-frames {init_frames} + --frames {frames} needs {init_frames + frames} camera poses")
     total = init_frames + frames
     latents, K, c2w, actions, scale = clip_inputs(clip, codec, model, total, device)
+    if wcfg.diffusion.action_cfg != 1.0 and actions is None:
+        raise ValueError(f"--action-cfg {wcfg.diffusion.action_cfg}: guidance needs actions, but "
+                         + (f"the model has action_dim=0 ({weights})" if not model.args.action_dim else
+                            f"{clip_path} has no actions"))
 
     bar = None
     if progress:

@@ -18,10 +18,18 @@ class DiffusionArgs:
                                       # the loss can only be lowered by what SGM reads from older frames
     memory_noise: float = 0.0         # training: each bank frame is noised to τ_m ~ U(0, memory_noise) and encoded at
                                       # τ_m, so reads learn to cope with imperfect history (at inference: generated)
+    action_dropout: float = 0.0       # training: chance that a target chunk of a sample gets the null action (zeros),
+                                      # so one network also predicts without actions (what action_cfg needs)
+    action_cfg: float = 1.0           # sampling: v = v(null) + s·(v(actions) - v(null)); 1 = no guidance, one pass
+                                      # (the paper uses 7.5 on a model trained with action dropout)
 
     def __post_init__(self):
         if not 0.0 <= self.memory_noise < 1.0:
             raise ValueError(f"memory_noise: expected a noise level in [0, 1), got {self.memory_noise}")
+        if not 0.0 <= self.action_dropout <= 1.0:
+            raise ValueError(f"action_dropout: expected a probability in [0, 1], got {self.action_dropout}")
+        if self.action_cfg < 0:
+            raise ValueError(f"action_cfg: expected a guidance scale >= 0, got {self.action_cfg}")
         if not 0.0 <= self.window_dropout < 1.0:
             raise ValueError(f"window_dropout: expected a probability in [0, 1), got {self.window_dropout}")
         if self.sample_steps < 1:
@@ -62,7 +70,8 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     chunk reads only the frames before its own start. ``generator``: one, or a list
     with one per sample (then the loss of a sample does not depend on its batch).
     With ``args.window_dropout`` > 0 each (chunk, sample) first draws whether it keeps
-    its ALM window; with ``args.memory_noise`` > 0 every bank frame is first noised. The
+    its ALM window, with ``args.action_dropout`` > 0 whether its actions become the null
+    action (the bank's frames keep theirs: the past's actions are known); with ``args.memory_noise`` > 0 every bank frame is first noised. The
     draws come from the same generators, for the whole bank, so every cp rank agrees.
     """
     B, T = latents.shape[:2]
@@ -86,10 +95,13 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]
         keep = rand((B,), generator, device=x0.device) >= args.window_dropout if args.window_dropout > 0 else None
+        a = act(t0, t0 + C)                                                          # [B, C, A] or None
+        if a is not None and args.action_dropout > 0:
+            a = a * (rand((B,), generator, device=a.device) >= args.action_dropout).view(B, 1, 1).to(a.dtype)
         eps = randn(x0.shape, generator, x0.dtype, x0.device)
         tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
-        pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, act(t0, t0 + C), ctx, return_stats,
+        pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, a, ctx, return_stats,
                             alm_keep=keep)
         losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
     stats["bank_tokens"] = last * model.layout(*latents.shape[-2:]).tokens
@@ -109,13 +121,18 @@ def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, a
     """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps -> ([B, C, C_lat, h, w], last stats).
 
     With ``stats`` the last step's forward also computes the read statistics (entropy, dispersion): only that
-    one, since they cost about as much again as the memory read itself.
+    one, since they cost about as much again as the memory read itself. With actions and ``args.action_cfg`` != 1
+    each step runs a second, null-action forward (same bank) and extrapolates from it (classifier-free guidance).
     """
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     ts = timesteps(args, device)
     last: dict = {}
+    guided = actions is not None and args.action_cfg != 1.0
     for i in range(args.sample_steps):
         tau = ts[i].expand(shape[0]).to(dtype)
         v, last = model(x, tau, K, c2w, chunk_start, bank, actions, ctx, stats and i == args.sample_steps - 1)
+        if guided:
+            v_null, _ = model(x, tau, K, c2w, chunk_start, bank, torch.zeros_like(actions), ctx, False)
+            v = v_null + args.action_cfg * (v - v_null)
         x = x + (ts[i + 1] - ts[i]).to(dtype) * v
     return x, last

@@ -114,3 +114,29 @@ def test_rollout_keeps_dispersion_per_frame_from_each_chunks_last_step():
     plain = rollout(model, DiffusionArgs(sample_steps=3), init, K, c2w, 5, generator=torch.Generator().manual_seed(0))
     assert not any(calls) and plain.dispersion_low == [] and plain.dispersion_high == []
     torch.testing.assert_close(plain.latents, r.latents)       # the statistics change nothing generated
+
+
+def test_generate_with_action_guidance(setup, capsys):
+    """--action-cfg S runs the null-action pass (a different rollout) and is refused without actions, in one line."""
+    torch.manual_seed(0)
+    model = VideoDiT(ModelArgs(size="debug", chunk_frames=2, action_dim=3, attention=AttentionArgs(block_size=16,
+                                                                                                   window=3)))
+    with torch.no_grad():                                      # leave the zero-init regime: actions change the output
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_weights(model, str(setup / "wa"))
+    clip = synthetic_clip(20, (16, 16), seed=2)
+    clip["actions"] = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    save_clip(str(setup / "act.npz"), clip)
+    psnr = {}
+    for s in ("1", "7.5"):
+        out = setup / f"cfg{s}"
+        assert main(["generate", "--weights", str(setup / "wa"), "--clip", str(setup / "act.npz"), "--init-frames",
+                     "5", "--frames", "4", "--out", str(out), "--steps", "2", "--action-cfg", s]) == 0
+        psnr[s] = json.loads((out / "frames.json").read_text())["summary"]["psnr_generated_mean"]
+    assert abs(psnr["1"] - psnr["7.5"]) > 1e-3
+    capsys.readouterr()                                        # the progress bars of the runs above
+    rc = main(["generate", "--weights", str(setup / "w"), "--clip", str(setup / "clip.npz"), "--init-frames", "5",
+               "--frames", "4", "--out", str(setup / "o"), "--action-cfg", "7.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "guidance needs actions" in err and "action_dim=0" in err
