@@ -86,7 +86,8 @@ def generate(weights: str, clip_path: str, init_frames: int, frames: int, out_di
 
     per_latent = res.seconds_per_latent()
     records = []
-    first_gen = codec.frame_index(init_frames) if codec.temporal > 1 else init_frames
+    # latent i >= 1 of a time-compressing (causal) autoencoder decodes to frames frame_index(i-1)+1 .. frame_index(i)
+    first_gen = codec.frame_index(init_frames - 1) + 1
     for i in range(gen.shape[0]):
         generated = i >= first_gen
         rec = {"frame": i, "kind": "generated" if generated else "init"}

@@ -259,11 +259,13 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
     any_model = next(iter(models.values()))
     latents, K, c2w, actions, _ = clip_inputs(clip, codec, any_model, total, args.device)
     T_src, H, W = clip["frames"].shape[:3]
-    first_gen = codec.frame_index(args.init_frames)
+    # a time-compressing (causal) autoencoder decodes latent i >= 1 to frames frame_index(i-1)+1 .. frame_index(i):
+    # the first generated latent's frames start right after the last init latent's
+    first_gen = codec.frame_index(args.init_frames - 1) + 1
 
     def src_end(n: int) -> int:
-        """End (exclusive) of the source frames that the first n generated latents stand for."""
-        return min(codec.frame_index(args.init_frames + n - 1) + max(1, codec.temporal), T_src)
+        """End (exclusive) of the source frames that the first n generated latents decode to."""
+        return min(codec.frame_index(args.init_frames + n - 1) + 1, T_src)
 
     gen_src = np.arange(first_gen, src_end(args.frames))
     stride = args.stride or max(1, min(H, W) // 64)

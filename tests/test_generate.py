@@ -76,9 +76,10 @@ def test_generate_through_a_time_compressing_autoencoder(tmp_path):
     assert main(["generate", "--weights", str(tmp_path / "w"), "--clip", str(tmp_path / "clip.npz"),
                  "--init-frames", "2", "--frames", "3", "--out", str(out), "--steps", "1"]) == 0
     info = json.loads((out / "frames.json").read_text())
-    # 5 latents decode to 1 + 4*4 = 17 frames; latent 2 (the first generated) stands for frame 8
+    # 5 latents decode to 1 + 4*4 = 17 frames; latent 2 (the first generated) decodes to frames 5..8
     assert len(info["frames"]) == 17 and read_mp4(str(out / "rollout.mp4")).shape[:3] == (17, 32, 32)
-    assert [f["kind"] for f in info["frames"]].index("generated") == 8
+    assert [f["kind"] for f in info["frames"]].index("generated") == 5
+    assert [f["latent"] for f in info["frames"] if f["kind"] == "generated"] == [2] * 4 + [3] * 4 + [4] * 4
 
 
 def test_rollout_keeps_dispersion_per_frame_from_each_chunks_last_step():

@@ -184,3 +184,45 @@ def test_wan_stage_two_starts_from_stage_one_weights(tmp_path, data, wan_dir, st
     r = train_cli(str(tmp_path / "bad"), data, *wan(wan_dir), "model.action_dim=2", "train.steps=1",
                   "checkpoint.resume=none", f"checkpoint.init_weights={init}", nproc=1)
     assert r.returncode != 0 and "its model config differs" in r.stderr, r.stderr[-3000:]
+
+
+def test_wan_with_the_wan_vae_end_to_end(tmp_path):
+    """Video -> tiny Wan VAE latents in shards -> a Wan run on them -> generate and eval decode through the VAE."""
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKLWan
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch.manual_seed(0)
+    vae = str(tmp_path / "vae")
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+                     latents_mean=[0.1] * 4, latents_std=[2.0] * 4).save_pretrained(vae)    # 4x time, 4x space
+    folder = str(tmp_path / "wan4")
+    WanTransformer3DModel(**dict(CONFIG, in_channels=4, out_channels=4)).save_pretrained(
+        os.path.join(folder, "transformer"), safe_serialization=True)
+    data = str(tmp_path / "data")
+    subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
+                    "scenes=2,frames=41,hw=32x32,seed=0", data, "--segment-frames", "41", "--codec",
+                    f"autoencoder:{vae}", "--quiet"], check=True, cwd=root)                 # 41 frames -> 11 latents
+    manifest = json.load(open(os.path.join(data, "manifest.json")))
+    assert manifest["config"]["codec"] == f"autoencoder:{vae}" and manifest["samples"] == 2
+    run_dir = str(tmp_path / "run")
+    r = train_cli(run_dir, data, *wan(folder), "train.steps=2", "checkpoint.every_steps=2", "log.every_steps=1",
+                  "data.clip_frames=8", "model.attention.block_size=4", "log.rollout_every=0", nproc=1)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    weights = os.path.join(run_dir, "checkpoints", "step-2", "weights")
+    model, wcfg = load_weights(weights)
+    assert wcfg.codec == f"autoencoder:{vae}" and wcfg.model.latent_channels == 4 and type(model).__name__ == "DecMemWan"
+    save_clip(str(tmp_path / "clip.npz"), synthetic_clip(25, (32, 32), seed=2))          # 25 frames -> 7 latents
+    rc = main(["generate", "--weights", weights, "--clip", str(tmp_path / "clip.npz"), "--init-frames", "3",
+               "--frames", "4", "--out", str(tmp_path / "gen"), "--steps", "2"])
+    assert rc == 0
+    info = json.loads((tmp_path / "gen" / "frames.json").read_text())
+    assert info["summary"]["bank_frames_final"] == 7
+    assert sum(f["kind"] == "generated" for f in info["frames"]) == 16                  # 4 latents -> frames 9..24
+    rc = main(["eval", "--weights", weights, "--data", data, "--init-frames", "3", "--frames", "4", "--clips", "1",
+               "--strategies", "decmem,window", "--steps", "1", "--min-gap", "1", "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(res["clips"]) == 1 and set(res["clips"][0]["strategies"]) == {"decmem", "window"}
