@@ -1,6 +1,7 @@
 """``decmem demo``: the main job end to end, as a chain of ordinary ``decmem`` subcommands.
 
-    1 data      decmem preprocess --format render ...   MiniWorld scenes whose camera paths revisit places
+    1 data      decmem preprocess --format render ...   MiniWorld scenes whose camera paths revisit places and
+                                                        cut back to views out of sight (one dataset per path kind)
     2 held-out  decmem preprocess --format render ...   one more scene, never trained on
     3 train     decmem train CONFIG --nproc 2 train.cp=2   DeepSpeed ZeRO-3, dp=1 x cp=2, TensorBoard
     4 generate  decmem generate --strategy S ...         once per strategy, bank initialised from the held-out clip
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from decmem.cli.common import fail, log, strategies
-from decmem.data_pipeline.render import FPS, find_inputs
+from decmem.data_pipeline.render import FPS, PATHS, find_inputs
 from decmem.evaluation.report import fmt
 from decmem.training.checkpoint import resolve_resume
 from decmem.training.config import load_config
@@ -42,6 +43,10 @@ class DemoArgs:
     scenes: int = 32                 # training scenes (the recipe BENCHMARKS.md measured; ~20 s to render)
     frames: int = 96                 # frames rendered per scene
     segment_frames: int = 48         # frames per training sample (>= data.clip_frames)
+    # camera path kinds of the training data, one dataset of `scenes` scenes each, trained on as one ('::'):
+    # revisit (turn-arounds, tours back) and return (cuts back to a view the last frames do not show, so only the
+    # memory holds it). BENCHMARKS.md "Training on both path kinds" measured the mix.
+    paths: tuple = ("revisit", "return")
     hw: str = "32x32"
     heldout_frames: int = 64         # the held-out clip: init frames + generated frames
     # The held-out scene is never trained on (training renders seeds 0..scenes-1). Seed 1024 is chosen by its
@@ -115,8 +120,12 @@ def _train_done(run_dir: str, steps: int) -> int | None:
 def run_demo(a: DemoArgs, log=print) -> str:
     """Run (or resume) every stage; returns the path of report.md."""
     out = os.path.abspath(a.out)
-    data, heldout, train_dir = (os.path.join(out, d) for d in ("data", "heldout", "train"))
-    train_ov = [f"run_dir={train_dir}", f"data.data={data}", f"train.cp={a.cp}", *a.overrides]
+    heldout, train_dir = (os.path.join(out, d) for d in ("heldout", "train"))
+    if not a.paths or any(p not in PATHS for p in a.paths) or len(set(a.paths)) < len(a.paths):
+        raise ValueError(f"--paths {','.join(a.paths)}: expected distinct path kinds of {', '.join(PATHS)}")
+    # the first kind keeps the folder name "data" (a demo run before the mix reuses its dataset)
+    datas = {p: os.path.join(out, "data" if i == 0 else f"data-{p}") for i, p in enumerate(a.paths)}
+    train_ov = [f"run_dir={train_dir}", f"data.data={'::'.join(datas.values())}", f"train.cp={a.cp}", *a.overrides]
     if a.steps:
         train_ov.append(f"train.steps={a.steps}")
     cfg = load_config(RunConfig, a.config, train_ov)          # config mistakes surface before any stage runs
@@ -130,12 +139,13 @@ def run_demo(a: DemoArgs, log=print) -> str:
     summary = []
 
     # 1-2: data (render + shards); preprocess resumes by itself, so a finished dataset costs a manifest read
-    spec = f"scenes={a.scenes},frames={a.frames},hw={a.hw},seed=0,path=revisit"
+    specs = {p: f"scenes={a.scenes},frames={a.frames},hw={a.hw},seed=0,path={p}" for p in a.paths}
     held_spec = f"scenes=1,frames={a.heldout_frames},hw={a.hw},seed={a.heldout_seed},path=revisit"
     ran = set()
     for stage, root, sp, cmd in (
-        ("1/6 data", data, spec, _cli("preprocess", "--format", "render", spec, data, "--segment-frames",
-                                      a.segment_frames, "--shard-bytes", "256KB")),
+        *((f"1/6 data ({p})", datas[p], specs[p], _cli("preprocess", "--format", "render", specs[p], datas[p],
+                                                       "--segment-frames", a.segment_frames, "--shard-bytes", "256KB"))
+          for p in a.paths),
         ("2/6 held-out", heldout, held_spec, _cli("preprocess", "--format", "render", held_spec, heldout,
                                                   "--segment-frames", a.heldout_frames))):
         if _manifest_done(root, sp):
@@ -284,7 +294,8 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
 
 def cmd_demo(args) -> int:
     a = DemoArgs(out=args.out, config=args.config, scenes=args.scenes, frames=args.frames,
-                 segment_frames=args.segment_frames, hw=args.hw, heldout_frames=args.heldout_frames,
+                 segment_frames=args.segment_frames, paths=tuple(args.paths.split(",")), hw=args.hw,
+                 heldout_frames=args.heldout_frames,
                  init_frames=args.init_frames, heldout_seed=args.heldout_seed, long_frames=args.long_frames,
                  long_seed=args.long_seed, long_steps=args.long_steps, long_dense_frames=args.long_dense_frames,
                  nproc=args.nproc, cp=args.cp, steps=args.steps, strategies=tuple(args.strategies),
@@ -316,6 +327,8 @@ def add_parsers(sub) -> None:
     dm.add_argument("--scenes", type=int, default=DemoArgs.scenes, help="training scenes to render")
     dm.add_argument("--frames", type=int, default=96, help="frames per training scene")
     dm.add_argument("--segment-frames", type=int, default=48, help="frames per training sample")
+    dm.add_argument("--paths", default=",".join(DemoArgs.paths),
+                    help="camera path kinds of the training scenes, one dataset each, trained on together")
     dm.add_argument("--hw", default="32x32", help="frame size HxW")
     dm.add_argument("--heldout-frames", type=int, default=64, help="frames of the held-out clip")
     dm.add_argument("--init-frames", type=int, default=24, help="ground-truth frames put in the bank")

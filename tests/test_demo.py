@@ -52,10 +52,11 @@ def test_demo_chain_at_debug_size(tmp_path):
     r = subprocess.run([*DEMO, "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for stage in ("[1/6 data]", "[2/6 held-out]", "[3/6 train]", "[4/6 generate decmem]", "[4/6 generate window]",
+    for stage in ("[1/6 data (revisit)]", "[1/6 data (return)]", "[2/6 held-out]", "[3/6 train]", "[4/6 generate decmem]", "[4/6 generate window]",
                   "[4/6 generate dense]", "[5/6 score]", "[6/6 minute data]", "[6/6 minute eval]"):
         assert stage in r.stdout, f"no summary line for {stage}"
     assert "$ decmem train" in r.stdout and "--nproc 2" in r.stdout and "train.cp=2" in r.stdout
+    assert f"data.data={out}/data::{out}/data-return" in r.stdout        # both path kinds, trained on as one
 
     rows = parse_report_table(open(os.path.join(out, "report.md")).read())
     assert [row["strategy"] for row in rows] == ["decmem", "window", "dense"]
