@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from decmem.model.memory import block_scores, coarse_partial, pooled_candidates
 from decmem.model.retrieval import topk_blocks
 
 #################################################################################
@@ -141,6 +142,7 @@ class CPMemory:
         self.group, self.rank, self.size = group, cp_rank, cp_size
         self.total = 0                                     # bank frames of the current step, all ranks together
         self.bytes = defaultdict(int)                      # collective -> bytes this rank sent + received
+        self.n_chunks = None                               # target chunks of the current step (query_slots)
 
     # ---- bank layout -------------------------------------------------------------
 
@@ -156,7 +158,7 @@ class CPMemory:
 
     # ---- collectives the attention layer calls ------------------------------------
 
-    def select_blocks(self, local_scores, bank, candidates: int, k: int):
+    def select_blocks(self, q_pool, bank, candidates: int, k: int):
         """Global top-k from each rank's local top-k: gather k (score, global index) pairs per rank, not all scores.
 
         The global top-k lies within the union of the local ones. Ranks hold increasing contiguous frame
@@ -165,6 +167,7 @@ class CPMemory:
         """
         n_b = bank.blocks_per_frame if bank is not None else 1
         lo = self.ranges()[self.rank][0]
+        local_scores = block_scores(q_pool, pooled_candidates(bank, candidates)[0])      # [..., n_qb, n_local]
         l_idx, l_valid = topk_blocks(local_scores, k)                                          # [..., k] local indices
         l_sel = local_scores.gather(-1, l_idx) if local_scores.shape[-1] else local_scores.new_zeros(l_idx.shape)
         l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf))
@@ -175,6 +178,31 @@ class CPMemory:
         pos, valid = topk_blocks(cand, k)                                               # same rule as one process
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
+
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
+        """The coarse branch over the local candidates, merged over every rank's (replicated queries)."""
+        return self.merge_partials(*coarse_partial(q_pool, bank, candidates, backend))
+
+    def fetch_blocks(self, bank, idx, valid, block_size: int):
+        """Replicated queries read their local blocks in place (partials merged afterwards)."""
+        return None
+
+    def fetch_frames(self, bank, lo: int, hi: int):
+        """Replicated queries read their local frames in place (partials merged afterwards)."""
+        return None
+
+    def query_slots(self, n_chunks: int) -> list[int | None]:
+        """Replicated query stream: every rank runs every chunk."""
+        self.n_chunks = n_chunks
+        return list(range(n_chunks))
+
+    def chunk_loss(self, losses, idle, n_chunks: int):
+        """Every rank's loss is the full loss (the replicated collectives' adjoints make up the rest)."""
+        return torch.stack(losses).mean()
+
+    def load(self) -> dict:
+        """Every rank runs every chunk."""
+        return {"chunks": [self.n_chunks] * self.size} if self.n_chunks is not None else {}
 
     def merge_partials(self, out, lse):
         """Log-sum-exp merge of partial attentions across the group, in fp32; (0, -inf) rows stay empty."""

@@ -1,0 +1,42 @@
+"""Sharded query stream (issue 17) with real processes (gloo, CPU): cp = 2 and 4 reproduce one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from cp_check import check_equivalence
+
+from decmem.training.distributed import free_port
+from decmem.training.sequence_parallel import chunk_range
+
+#################################################################################
+#                                    Cases                                      #
+#################################################################################
+
+DECMEM = dict(strategy="decmem", merge="residual", coarse=True, camera="prope", position="rope")
+CASES = [
+    dict(DECMEM, T=12, starts=[4, 6, 8, 10]),                          # every chunk a target; 10 bank frames
+    dict(DECMEM, T=11, starts=[7, 9], merge="gate"),                   # 2 chunks: at cp = 4 two ranks own none
+    dict(DECMEM, T=10, starts=[4, 8], merge="joint", top_k=1),         # candidates on few ranks
+    dict(DECMEM, T=12, starts=[4, 6, 8, 10], window_dropout=0.5, memory_noise=0.5),
+    dict(strategy="decmem", T=12, starts=[5, 10], dtype=torch.float32),
+    dict(strategy="window", T=11, starts=[5, 7, 9]),
+    dict(strategy="dense", T=9, starts=[4, 7], camera="prope", position="rope"),
+    dict(strategy="dense_decay", T=9, starts=[4, 7]),
+    dict(strategy="fov_frames", T=11, starts=[7, 9]),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_queries_match_single_process(world):
+    cases = [c for c in CASES if min(c["starts"]) >= world]            # every rank holds >= 1 bank frame
+    mp.spawn(check_equivalence, args=(world, free_port(), cases, None, "sharded"), nprocs=world, join=True)
+
+
+def test_sharded_queries_dp2_x_cp2():
+    mp.spawn(check_equivalence, args=(4, free_port(), [CASES[0], CASES[6]], 2, "sharded"), nprocs=4, join=True)
+
+
+def test_chunk_ranges_are_contiguous_and_balanced():
+    assert [chunk_range(7, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert [chunk_range(2, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]    # two ranks own none
