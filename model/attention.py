@@ -371,7 +371,7 @@ class DecMemAttention(nn.Module):
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
         return (out, lse), {"selected": idx, "selected_valid": bvalid}
 
-    def _attend_blocks(self, qg, bank, idx, valid, bias, ctx):
+    def _attend_blocks(self, qg, bank, idx, valid, bias, ctx: MemoryContext = LOCAL):
         """Query groups read their selected blocks: fetched by the context, or in the *local* bank shard.
 
         qg: [B, H, G, n, d]; idx/valid/bias: [B, H, G, k] global block indices.
