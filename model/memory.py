@@ -11,10 +11,9 @@ checks that all implement every method of the protocol with its signature.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
-
-import math
 
 import torch
 

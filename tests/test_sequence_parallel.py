@@ -40,3 +40,12 @@ def test_sharded_queries_dp2_x_cp2():
 def test_chunk_ranges_are_contiguous_and_balanced():
     assert [chunk_range(7, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 7)]
     assert [chunk_range(2, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]    # two ranks own none
+
+
+def test_cp_scalars_log_bytes_per_layer_and_imbalance():
+    from decmem.training.context_parallel import cp_scalars
+
+    out = cp_scalars({"sp_kv": 800, "sp_scores": 80}, {"chunks": [2, 2, 1, 1]}, micro_batches=2, depth=4)
+    assert out["cp/bytes_per_step"] == 880
+    assert out["cp/bytes_per_layer/sp_kv"] == 100 and out["cp/bytes_per_layer/sp_scores"] == 10
+    assert out["cp/imbalance_chunks"] == pytest.approx(2 / 1.5) and out["cp/chunks_per_rank_max"] == 2

@@ -74,6 +74,22 @@ def shard_range(n_frames: int, cp: int, cp_rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if cp_rank < extra else 0)
 
 
+def cp_scalars(moved: dict, load: dict, micro_batches: int, depth: int) -> dict[str, float]:
+    """Per-step logging: bytes per layer (per micro-batch) moved by each collective, and the ranks' imbalance.
+
+    moved: ``bytes_moved()`` of the step (all micro-batches); load: ``load()`` (work per rank, e.g. query chunks).
+    Imbalance is max over mean: 1 when every rank of the group runs as many chunks.
+    """
+    out = {"cp/bytes_per_step": float(sum(moved.values()))}
+    for name, n in sorted(moved.items()):
+        out[f"cp/bytes_per_layer/{name}"] = n / max(1, depth * micro_batches)
+    chunks = load.get("chunks")
+    if chunks and sum(chunks):
+        out["cp/chunks_per_rank_max"] = float(max(chunks))
+        out["cp/imbalance_chunks"] = max(chunks) / (sum(chunks) / len(chunks))
+    return out
+
+
 def build_groups(layout: Layout):
     """(cp group of this rank, dp group of this rank); every rank creates every group, in the same order."""
     cp_group = dp_group = None
