@@ -3,7 +3,8 @@
 Two measurements, real processes over gloo:
   time   one clip, every chunk after the first C frames a target: forward + backward of the training
          loss (plain autograd, no optimizer) at cp = 1, cp replicated and cp sharded, one thread per
-         process, median over steps after a warm-up, all in one run.
+         process, median over steps after a warm-up, all in one run: wall time, and the busiest rank's
+         CPU time (its work; on a shared machine wall time also counts what other jobs take).
   bytes  one chunk per rank at the end of its own bank range (where the sharded layout puts it), per
          layer, max over ranks, by collective, for both layouts on the same bank; against what
          all-gather and ring context parallelism move for one layer: the whole bank's K and V.
@@ -65,22 +66,29 @@ def _time_worker(rank, world, port, cfg_dict, T, queries, steps, out_path):
         lat, K, c2w = _clip(cfg, T)
         starts = list(range(C, T - C + 1, C))                             # every chunk after the first a target
         ctx = CONTEXTS[queries](group, rank, world) if world > 1 else None
-        times, loss = [], None
+        times, cpus, loss = [], [], None
         for step in range(steps + 1):                                     # step 0: warm-up
             if group is not None:
                 dist.barrier(group=group)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             model.zero_grad(set_to_none=True)
             loss, _ = rectified_flow_loss(model, lat, K, c2w, starts, cfg.diffusion,
                                           generator=torch.Generator().manual_seed(step), ctx=ctx)
             loss.backward()
+            cpu = time.process_time() - cpu                               # this rank's work, whatever else runs
             if group is not None:
                 dist.barrier(group=group)                                 # a step ends when its slowest rank does
             if step:
                 times.append(time.perf_counter() - t)
+                cpus.append(cpu)
+        every = [cpus]
+        if group is not None:
+            every = [None] * world
+            dist.all_gather_object(every, cpus, group=group)
         if rank == 0:
             with open(out_path, "w") as f:
-                json.dump({"times": times, "chunks": len(starts), "loss": float(loss.detach())}, f)
+                json.dump({"times": times, "cpu": [max(c) for c in zip(*every)], "chunks": len(starts),
+                           "loss": float(loss.detach())}, f)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -132,11 +140,14 @@ def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print) -
     for world, queries in ((1, "one process"), (cp, "replicated"), (cp, "sharded")):
         res = _spawn(_time_worker, world, to_dict(cfg), clip_frames, queries, steps)
         rows.append({"cp": world, "queries": queries, "chunks": res["chunks"], "loss": res["loss"],
-                     "median_s": statistics.median(res["times"]), "times_s": res["times"]})
+                     "median_s": statistics.median(res["times"]), "times_s": res["times"],
+                     "median_cpu_s": statistics.median(res["cpu"]), "cpu_s": res["cpu"]})
     for r in rows:
         r["vs_cp1"] = r["median_s"] / rows[0]["median_s"]
-        log(f"cp={r['cp']} {r['queries']:>11}: {r['median_s']:.2f} s/step ({r['chunks']} target chunks, "
-            f"x{r['vs_cp1']:.2f} of cp=1, loss {r['loss']:.5f})")
+        r["cpu_vs_cp1"] = r["median_cpu_s"] / rows[0]["median_cpu_s"]
+        log(f"cp={r['cp']} {r['queries']:>11}: {r['median_s']:.2f} s/step wall (x{r['vs_cp1']:.2f} of cp=1), "
+            f"{r['median_cpu_s']:.2f} CPU s/step on the busiest rank (x{r['cpu_vs_cp1']:.2f}), {r['chunks']} target "
+            f"chunks, loss {r['loss']:.5f}")
     return rows
 
 
@@ -166,7 +177,8 @@ def run_sp_bytes(cfg, cps, bank_frames, log=print) -> list[dict]:
 
 
 def run_sp_bench(cfg, clip_frames, cps, bank_frames, json_path=None, steps=3, log=print):
-    res = {"time": run_sp_time(cfg, clip_frames, 2, steps, log), "bytes": run_sp_bytes(cfg, cps, bank_frames, log)}
+    res = {"time": run_sp_time(cfg, clip_frames, 2, steps, log) if clip_frames else [],
+           "bytes": run_sp_bytes(cfg, cps, bank_frames, log) if bank_frames else []}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -192,10 +192,11 @@ def add_parsers(sub) -> None:
                           description="Step time of one clip (every chunk a target) at cp=1, cp=2 replicated and cp=2 "
                                       "sharded, and query-stream bytes per layer of both layouts vs a K/V all-gather "
                                       "or ring pass, real processes (gloo).")
-    spb.add_argument("--clip-frames", type=int, default=36, help="frames of the timed clip")
+    spb.add_argument("--clip-frames", type=int, default=36, help="frames of the timed clip (0: no timing)")
     spb.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     spb.add_argument("--cp", type=int_list, default=[2, 4], help="cp sizes of the bytes count")
-    spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448], help="bank sizes of the bytes count")
+    spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448],
+                     help="bank sizes of the bytes count (empty: no count)")
     spb.add_argument("--json", default=None)
     add_config_args(spb)
     spb.set_defaults(func=cmd_bench_sp)

@@ -106,6 +106,11 @@ class SPMemory(CPMemory):
 
     # ---- chunks ---------------------------------------------------------------------
 
+    def shard(self, n_frames: int) -> tuple[int, int]:
+        """A new step: forget exchange outputs of any earlier forward that never reached ``chunk_loss``."""
+        self._pending = []
+        return super().shard(n_frames)
+
     def query_slots(self, n_chunks: int) -> list[int | None]:
         """This rank's chunks, then None up to ceil(n_chunks / cp) slots (the most any rank runs)."""
         self._counts = [b - a for a, b in (chunk_range(n_chunks, self.size, r) for r in range(self.size))]
