@@ -12,7 +12,7 @@ Per layer of one chunk slot (every rank runs ceil(n_chunks / cp) slots; a rank
 short of chunks runs the cheapest chunk again with loss weight 0, so that every
 rank makes the same module calls and collectives, as ZeRO-3 requires):
   select_blocks  all-gather the pooled queries (cp x [B, H, n_qb, d], independent of the bank's length;
-                 the pooled keys, the alternative, grow with it); each rank scores every rank's pooled
+                 the pooled keys, the alternative, grow with it; the coarse branch reuses them); each rank scores every rank's pooled
                  queries against its local candidates and takes a local top-k; an all-to-all returns k
                  (score, index) pairs per (query block, head) from every rank to the chunk's owner, which
                  takes the global top-k exactly as CPMemory does
@@ -103,12 +103,13 @@ class SPMemory(CPMemory):
         super().__init__(group, cp_rank, cp_size)
         self._pending: list[torch.Tensor] = []             # autograd exchange outputs of this step (for _Sink)
         self._counts: list[int] = []                       # chunks per rank of this step
+        self._q_cache = None                               # (pooled queries, candidates, gathered, all candidates)
 
     # ---- chunks ---------------------------------------------------------------------
 
     def shard(self, n_frames: int) -> tuple[int, int]:
         """A new step: forget exchange outputs of any earlier forward that never reached ``chunk_loss``."""
-        self._pending = []
+        self._pending, self._q_cache = [], None
         return super().shard(n_frames)
 
     def query_slots(self, n_chunks: int) -> list[int | None]:
@@ -129,7 +130,7 @@ class SPMemory(CPMemory):
         loss = share + (full - share.detach()).to(share.dtype)
         if torch.is_grad_enabled() and self._pending:
             loss = loss + _Sink.apply(*self._pending).to(loss.dtype)
-        self._pending = []
+        self._pending, self._q_cache = [], None
         return loss
 
     def load(self) -> dict:
@@ -148,9 +149,17 @@ class SPMemory(CPMemory):
     # ---- retrieval --------------------------------------------------------------------
 
     def _queries(self, q_pool, candidates: int):
-        """Every rank's pooled queries [cp, B, H, n_qb, d] (with gradient) and candidate frames [cp]."""
+        """Every rank's pooled queries [cp, B, H, n_qb, d] (with gradient) and candidate frames [cp].
+
+        The layer's coarse branch asks again for the same tensor right after select_blocks: the same call
+        on every rank, so every rank reuses the gathered copy instead of gathering twice.
+        """
+        hit = self._q_cache
+        if hit is not None and hit[0] is q_pool and hit[1] == candidates:
+            return hit[2], hit[3]
         qg = self._all_gather(q_pool, "sp_queries")
         olds = self._all_gather_nograd(torch.tensor([candidates]), "sp_queries").view(-1).tolist()
+        self._q_cache = (q_pool, candidates, qg, olds)
         return qg, olds
 
     def select_blocks(self, q_pool, bank, candidates: int, k: int):
