@@ -167,11 +167,20 @@ def run_sp_bytes(cfg, cps, bank_frames, log=print) -> list[dict]:
                 names = sorted({n for r in every for n in r[queries]})
                 by = {n: max(r[queries].get(n, 0) for r in every) / depth for n in names}
                 total = max(sum(r[queries].values()) for r in every) / depth
+                # every chunk a target (a clip of T + C frames: T / C chunks): a K/V all-gather or ring pass
+                # serves them all once per layer, while the query read moves its bytes for each chunk a rank runs
+                chunks = max(1, T // m.chunk_frames)
+                per_rank = -(-chunks // cp) if queries == "sharded" else chunks
                 rows.append({"cp": cp, "bank_frames": T, "queries": queries, "bytes_per_layer": total,
                              "kv_allgather_bytes_per_layer": kv_moved, "ring_bytes_per_layer": kv_moved,
-                             "fraction_of_kv": total / kv_moved, "by_collective": by})
-                log(f"cp={cp} bank {T:>4} {queries:>10}: {total / 2**10:8.1f} KiB/layer "
-                    f"({100 * total / kv_moved:.2f}% of a K/V all-gather or ring pass, {kv_moved / 2**20:.1f} MiB) "
+                             "fraction_of_kv": total / kv_moved, "by_collective": by,
+                             "every_chunk_chunks_per_rank": per_rank,
+                             "every_chunk_bytes_per_layer_step": per_rank * total,
+                             "every_chunk_fraction_of_kv": per_rank * total / kv_moved})
+                log(f"cp={cp} bank {T:>4} {queries:>10}: {total / 2**10:8.1f} KiB/layer per chunk "
+                    f"({100 * total / kv_moved:.2f}% of a K/V all-gather or ring pass, {kv_moved / 2**20:.1f} MiB); "
+                    f"every chunk a target: {per_rank} chunks/rank, {per_rank * total / 2**20:.1f} MiB/layer/step "
+                    f"({100 * per_rank * total / kv_moved:.0f}%) | "
                     + " ".join(f"{n}={v / 2**10:.1f}" for n, v in by.items()))
     return rows
 
