@@ -62,15 +62,17 @@ def flat_frames(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(B, H, T * n, e)
 
 
-def pooled_candidates(bank: BankLayer | None, candidates: int):
-    """Pooled (keys, values) [B, H, n, d] of the local blocks in frames older than ``candidates``, or (None, None).
+def pooled_candidates(bank: BankLayer | None, candidates: int, values: bool = False):
+    """Pooled keys [B, H, n, d] of the local blocks in frames older than ``candidates`` (None without a bank);
+    with ``values``, (keys, values).
 
     Candidates are a prefix of the local frames, so this slices and never masks.
     """
     if bank is None:
-        return None, None
+        return (None, None) if values else None
     n_old = min(max(candidates - bank.frame_offset, 0), bank.local_frames)
-    return flat_frames(bank.k_pool[:, :, :n_old]), flat_frames(bank.v_pool[:, :, :n_old])
+    kp = flat_frames(bank.k_pool[:, :, :n_old])
+    return (kp, flat_frames(bank.v_pool[:, :, :n_old])) if values else kp
 
 
 def block_scores(q_pool: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
@@ -82,7 +84,7 @@ def block_scores(q_pool: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
 
 def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
     """Pooled queries over the pooled K/V of the local candidate blocks -> partial (out [B, H, n_qb, d], lse)."""
-    kp, vp = pooled_candidates(bank, candidates)
+    kp, vp = pooled_candidates(bank, candidates, values=True)
     empty = q_pool[..., :0, :]
     return attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty, backend=backend)
 
@@ -162,7 +164,7 @@ class LocalMemory:
         [..., k] with gradient, all scores [..., n] or None where they are not all
         held locally).
         """
-        scores = block_scores(q_pool, pooled_candidates(bank, candidates)[0])          # [..., n_qb, n]
+        scores = block_scores(q_pool, pooled_candidates(bank, candidates))          # [..., n_qb, n]
         idx, valid = topk_blocks(scores, k)
         sel = scores.gather(-1, idx) if scores.shape[-1] else scores.new_zeros(idx.shape)
         return idx, valid, sel, scores

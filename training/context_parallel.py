@@ -183,7 +183,7 @@ class CPMemory:
         """
         n_b = bank.blocks_per_frame if bank is not None else 1
         lo = self.ranges()[self.rank][0]
-        local_scores = block_scores(q_pool, pooled_candidates(bank, candidates)[0])      # [..., n_qb, n_local]
+        local_scores = block_scores(q_pool, pooled_candidates(bank, candidates))      # [..., n_qb, n_local]
         l_idx, l_valid = topk_blocks(local_scores, k)                                          # [..., k] local indices
         l_sel = local_scores.gather(-1, l_idx) if local_scores.shape[-1] else local_scores.new_zeros(l_idx.shape)
         l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf))

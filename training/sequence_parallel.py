@@ -169,7 +169,7 @@ class SPMemory(CPMemory):
         qg, olds = self._queries(q_pool, candidates)
         sel, gidx = [], []
         for r in range(self.size):                         # rank r's chunk against my candidates
-            s = block_scores(qg[r], pooled_candidates(bank, olds[r])[0])                 # [B, H, n_qb, n_r]
+            s = block_scores(qg[r], pooled_candidates(bank, olds[r]))                 # [B, H, n_qb, n_r]
             l_idx, l_valid = topk_blocks(s, k)                                          # [B, H, n_qb, k]
             l_sel = s.gather(-1, l_idx) if s.shape[-1] else s.new_zeros(l_idx.shape)
             sel.append(torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)))
