@@ -88,7 +88,7 @@ def _time_worker(rank, world, port, cfg_dict, T, queries, steps, out_path):
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"times": times, "cpu": [max(c) for c in zip(*every)], "chunks": len(starts),
-                           "loss": float(loss.detach())}, f)
+                           "cpu_per_rank": [statistics.median(c) for c in every], "loss": float(loss.detach())}, f)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -141,13 +141,14 @@ def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print) -
         res = _spawn(_time_worker, world, to_dict(cfg), clip_frames, queries, steps)
         rows.append({"cp": world, "queries": queries, "chunks": res["chunks"], "loss": res["loss"],
                      "median_s": statistics.median(res["times"]), "times_s": res["times"],
-                     "median_cpu_s": statistics.median(res["cpu"]), "cpu_s": res["cpu"]})
+                     "median_cpu_s": statistics.median(res["cpu"]), "cpu_s": res["cpu"],
+                     "cpu_per_rank_s": res["cpu_per_rank"]})
     for r in rows:
         r["vs_cp1"] = r["median_s"] / rows[0]["median_s"]
         r["cpu_vs_cp1"] = r["median_cpu_s"] / rows[0]["median_cpu_s"]
         log(f"cp={r['cp']} {r['queries']:>11}: {r['median_s']:.2f} s/step wall (x{r['vs_cp1']:.2f} of cp=1), "
             f"{r['median_cpu_s']:.2f} CPU s/step on the busiest rank (x{r['cpu_vs_cp1']:.2f}), {r['chunks']} target "
-            f"chunks, loss {r['loss']:.5f}")
+            f"chunks, loss {r['loss']:.5f}, CPU s per rank {' '.join(f'{c:.2f}' for c in r['cpu_per_rank_s'])}")
     return rows
 
 

@@ -49,3 +49,20 @@ def test_cp_scalars_log_bytes_per_layer_and_imbalance():
     assert out["cp/bytes_per_step"] == 880
     assert out["cp/bytes_per_layer/sp_kv"] == 100 and out["cp/bytes_per_layer/sp_scores"] == 10
     assert out["cp/imbalance_chunks"] == pytest.approx(2 / 1.5) and out["cp/chunks_per_rank_max"] == 2
+
+
+def test_bench_sp_runs_both_layouts_on_the_same_loss(tmp_path):
+    """`decmem bench sp` on a tiny model: the three timed layouts compute the same loss; bytes come per collective."""
+    from decmem.bench.sp import run_sp_bench
+    from decmem.training.config import load_config
+    from decmem.training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, None, ["model.size=debug", "bench_generate.latent_h=8", "bench_generate.latent_w=8",
+                                        "model.attention.block_size=4", "model.chunk_frames=2"])
+    res = run_sp_bench(cfg, 8, [2], [8], str(tmp_path / "sp.json"), steps=1, log=lambda *a: None)
+    losses = [r["loss"] for r in res["time"]]
+    assert [r["queries"] for r in res["time"]] == ["one process", "replicated", "sharded"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    sharded = next(r for r in res["bytes"] if r["queries"] == "sharded")
+    assert sharded["by_collective"]["sp_kv"] > 0 and sharded["every_chunk_chunks_per_rank"] == 2
+    assert (tmp_path / "sp.json").exists()
