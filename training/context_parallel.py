@@ -7,6 +7,8 @@ answers the attention layer's context calls:
   select_blocks   local block scores -> all-gather of each rank's top-k (score, index) -> one global
                   top-k, identical on every rank (k pairs per rank move, not every block's score)
   merge_partials  partial (out, lse) over local blocks -> fp32 log-sum-exp merge across the group
+  coarse_read     the coarse branch's partial over the local candidates, merged the same way
+  fetch_blocks    None: the selected blocks are read in place (fetching them is training/sequence_parallel.py's)
   window_kv       the ALM window's K/V (few frames, possibly on another rank), to every rank
   memory_halo     the W-1 frames before a shard, for the memory stream's local window
 Gradients: every collective whose result is replicated has the all-reduce of
