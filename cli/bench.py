@@ -13,6 +13,7 @@ from decmem.bench.generate import run_generate_bench
 from decmem.bench.memory import ablation_table, parse_runs, run_memory_bench
 from decmem.bench.memory import format_table as memory_table
 from decmem.bench.outputs import write_bench_outputs
+from decmem.bench.sp import run_sp_bench
 from decmem.bench.train import cli_main as train_bench_main
 from decmem.cli.common import add_config_args, int_list, load_run_config, log, sparse_backends, strategies
 from decmem.training.config import dump_config
@@ -89,6 +90,13 @@ def cmd_bench_cp(args) -> int:
     if args.json:
         print(f"wrote {args.json}")
     write_bench_outputs("cp", args.json)
+    return 0
+
+
+def cmd_bench_sp(args) -> int:
+    run_sp_bench(load_run_config(args), args.clip_frames, args.cp, args.bank_frames, args.json, args.steps, log=log)
+    if args.json:
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -179,4 +187,17 @@ def add_parsers(sub) -> None:
     cpb.add_argument("--json", default=None)
     add_config_args(cpb)
     cpb.set_defaults(func=cmd_bench_cp)
+
+    spb = bsub.add_parser("sp", help="sharded vs replicated query stream under cp: step time and bytes per layer",
+                          description="Step time of one clip (every chunk a target) at cp=1, cp=2 replicated and cp=2 "
+                                      "sharded, and query-stream bytes per layer of both layouts vs a K/V all-gather "
+                                      "or ring pass, real processes (gloo).")
+    spb.add_argument("--clip-frames", type=int, default=36, help="frames of the timed clip (0: no timing)")
+    spb.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    spb.add_argument("--cp", type=int_list, default=[2, 4], help="cp sizes of the bytes count")
+    spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448],
+                     help="bank sizes of the bytes count (empty: no count)")
+    spb.add_argument("--json", default=None)
+    add_config_args(spb)
+    spb.set_defaults(func=cmd_bench_sp)
 

@@ -311,18 +311,25 @@ class DecMemAttention(nn.Module):
         B, H, n, Nf, _ = kv[0].shape
         return alm_keep.to(torch.bool).view(B, 1, 1).expand(B, H, n * Nf)
 
+    def _dense_kv(self, bank, L, ctx):
+        """(K/V of the readable bank frames this rank reads, global index of its first frame) or (None, 0)."""
+        fetched = ctx.fetch_frames(bank, 0, L)                                      # sharded query stream: all of [0, L)
+        if fetched is not None:
+            return fetched, 0
+        return (bank.frames(0, L), bank.frame_offset) if bank is not None else (None, 0)
+
     def _dense(self, q, bank, L, chunk_start, ctx):
         """Every readable bank token (dense), optionally biased by -decay * age in frames."""
-        kv = bank.frames(0, L) if bank is not None else None
-        out, lse = self._attend_frames(q, kv, self._decay_bias(q, bank, kv, chunk_start))
+        kv, first = self._dense_kv(bank, L, ctx)
+        out, lse = self._attend_frames(q, kv, self._decay_bias(q, first, kv, chunk_start))
         return ctx.merge_partials(out, lse)
 
-    def _decay_bias(self, q, bank, kv, chunk_start):
+    def _decay_bias(self, q, first, kv, chunk_start):
         """dense_decay: -decay * age (frames before the chunk) per bank token [B, H, n*N_f]; None otherwise."""
         if kv is None or self.args.strategy != "dense_decay":
             return None
         B, H, n, Nf, _ = kv[0].shape
-        t = bank.frame_offset + torch.arange(n, device=q.device)                      # global frame index
+        t = first + torch.arange(n, device=q.device)                                  # global frame index
         age = (chunk_start - t).to(q.dtype)                                            # [n], >= 1
         return (-self.args.decay * age).repeat_interleave(Nf).expand(B, H, n * Nf)
 
@@ -336,26 +343,14 @@ class DecMemAttention(nn.Module):
         Bs = a.block_size
         nqb = N // Bs
         q_pool = q.view(B, H, nqb, Bs, d).mean(dim=-2)                               # [B, H, n_qb, d]
-        kp = vp = None
-        if bank is not None:
-            # candidates (older than the ALM window) are a prefix of the local frames: slice, don't mask
-            n_old = min(max(old - bank.frame_offset, 0), bank.local_frames)
-            kp = _flat_frames(bank.k_pool[:, :, :n_old])                             # [B, H, n_old*n_b, d]
-            vp = _flat_frames(bank.v_pool[:, :, :n_old]) if a.coarse else None
-            local = (q_pool / math.sqrt(d)) @ kp.transpose(-1, -2)                   # [B, H, n_qb, n_old*n_b]
-        else:
-            local = q_pool.new_zeros(B, H, nqb, 0)
-        idx, valid, sel_scores, scores = ctx.select_blocks(local, bank, old, a.top_k)   # [B, H, n_qb, k] each
+        idx, valid, sel_scores, scores = ctx.select_blocks(q_pool, bank, old, a.top_k)  # [B, H, n_qb, k] each
         bias = selected_log_weights(sel_scores, valid) if a.retrieval_bias else None
-        out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias)
+        out, lse = self._attend_blocks(q.view(B, H, nqb, Bs, d), bank, idx, valid, bias, ctx)
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
         coarse = None
         if a.coarse:
             # every candidate block's score is a logit here, so each one gets a gradient, not only the selected
-            empty = q_pool[..., :0, :]
-            c_out, c_lse = attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty,
-                                  backend=a.backend)                                 # [B, H, n_qb, d], [B, H, n_qb]
-            c_out, _ = ctx.merge_partials(c_out, c_lse)                              # over every rank's candidates
+            c_out, _ = ctx.coarse_read(q_pool, bank, old, a.backend)                  # [B, H, n_qb, d], whole
             coarse = c_out.repeat_interleave(Bs, dim=2)                              # [B, H, N, d]
         return (out, lse), coarse, {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
                                     "scores": scores.detach() if scores is not None else None}
@@ -372,21 +367,26 @@ class DecMemAttention(nn.Module):
         bvalid = valid.repeat_interleave(n_b, dim=1)
         idx = blocks.view(B, 1, 1, -1).expand(B, H, 1, blocks.shape[1])             # [B, H, 1, k*n_b]
         bvalid = bvalid.view(B, 1, 1, -1).expand_as(idx)
-        out, lse = self._attend_blocks(q.view(B, H, 1, N, d), bank, idx, bvalid, None)
+        out, lse = self._attend_blocks(q.view(B, H, 1, N, d), bank, idx, bvalid, None, ctx)
         out, lse = ctx.merge_partials(out.reshape(B, H, N, d), lse.reshape(B, H, N))
         return (out, lse), {"selected": idx, "selected_valid": bvalid}
 
-    def _attend_blocks(self, qg, bank, idx, valid, bias):
-        """Query groups read their selected blocks of the *local* bank shard.
+    def _attend_blocks(self, qg, bank, idx, valid, bias, ctx: MemoryContext = LOCAL):
+        """Query groups read their selected blocks: fetched by the context, or in the *local* bank shard.
 
         qg: [B, H, G, n, d]; idx/valid/bias: [B, H, G, k] global block indices.
-        Blocks held by another rank are masked here and counted there. The
-        kernel is called even when nothing local is selected, so every rank
-        runs the same sequence of calls.
+        Read in place, blocks held by another rank are masked here and counted
+        there. The kernel is called even when nothing local is selected, so
+        every rank runs the same sequence of calls.
         """
         B, H, G, n, d = qg.shape
         k = idx.shape[-1]
         Bs = self.args.block_size
+        fetched = ctx.fetch_blocks(bank, idx, valid, Bs)                             # sharded query stream
+        if fetched is not None:
+            kb, vb, mask = fetched                                                   # [B, H, G, k*B, d], [B, H, G, k*B]
+            tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
+            return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
         if bank is None or bank.local_frames == 0:
             kk = qg.new_zeros(B, H, G, k * Bs, d)
             return attend(qg, kk, kk, key_mask=torch.zeros(B, H, G, k * Bs, dtype=torch.bool, device=qg.device),
@@ -454,7 +454,7 @@ class DecMemAttention(nn.Module):
         """
         a = self.args
         B, H, N, d = q.shape
-        qv, kk, bias, mask, shared = self._read_keys(q, bank, stats, L, w_lo, chunk_start, win_kv)
+        qv, kk, bias, mask, shared = self._read_keys(q, bank, stats, L, w_lo, chunk_start, win_kv, ctx)
         lse_c, e_c = expected_logit(q, k_chunk)
         if kk is None:
             lse_m = torch.full_like(lse_c, -math.inf)
@@ -479,8 +479,11 @@ class DecMemAttention(nn.Module):
             out["entropy_sgm"] = out["entropy"]
         return out
 
-    def _read_keys(self, q, bank, stats, L, w_lo, chunk_start, win_kv):
-        """This rank's keys of the memory read: (queries viewed per key set, keys, bias, mask, whole on every rank)."""
+    def _read_keys(self, q, bank, stats, L, w_lo, chunk_start, win_kv, ctx):
+        """This rank's keys of the memory read: (queries viewed per key set, keys, bias, mask, whole on every rank).
+
+        Keys the context fetched are whole here; merging them with other ranks' is then the context's identity.
+        """
         a = self.args
         B, H, N, d = q.shape
         if a.strategy == "window":                        # the window's K/V are already whole on every rank
@@ -488,30 +491,25 @@ class DecMemAttention(nn.Module):
                 return q, None, None, None, True
             return q, win_kv[0].flatten(2, 3), None, None, True
         if a.strategy in ("dense", "dense_decay"):
-            kv = bank.frames(0, L) if bank is not None else None
+            kv, first = self._dense_kv(bank, L, ctx)
             if kv is None or kv[0].shape[2] == 0:
                 return q, None, None, None, False
-            return q, kv[0].flatten(2, 3), self._decay_bias(q, bank, kv, chunk_start), None, False
-        if bank is None or bank.local_frames == 0:
-            return q, None, None, None, False
+            return q, kv[0].flatten(2, 3), self._decay_bias(q, first, kv, chunk_start), None, False
         idx, valid = stats["selected"], stats["selected_valid"]                      # global block indices
         G, Bs = idx.shape[2], a.block_size
-        local = idx - bank.frame_offset * bank.blocks_per_frame
-        owned = valid & (local >= 0) & (local < bank.k_pool.shape[2] * bank.k_pool.shape[3])
-        kb = _gather_blocks(bank.k, torch.where(owned, local, torch.zeros_like(local)), Bs)   # [B, H, G, k*Bs, d]
         bias = None
         if a.strategy == "decmem" and a.retrieval_bias:
             bias = selected_log_weights(stats["selected_scores"], valid).repeat_interleave(Bs, dim=-1)
-        return q.view(B, H, G, N // G, d), kb, bias, owned.repeat_interleave(Bs, dim=-1), False
-
-
-def _flat_frames(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, n, e] -> [B, H, T*n, e] without copying when T is a slice of a larger buffer."""
-    B, H, T, n, e = x.shape
-    try:
-        return x.view(B, H, T * n, e)
-    except RuntimeError:  # a layout view cannot express: copy
-        return x.reshape(B, H, T * n, e)
+        qv = q.view(B, H, G, N // G, d)
+        fetched = ctx.fetch_blocks(bank, idx, valid, Bs)                             # called on every rank
+        if fetched is not None:
+            return qv, fetched[0], bias, fetched[2], False
+        if bank is None or bank.local_frames == 0:
+            return q, None, None, None, False
+        local = idx - bank.frame_offset * bank.blocks_per_frame
+        owned = valid & (local >= 0) & (local < bank.k_pool.shape[2] * bank.k_pool.shape[3])
+        kb = _gather_blocks(bank.k, torch.where(owned, local, torch.zeros_like(local)), Bs)   # [B, H, G, k*Bs, d]
+        return qv, kb, bias, owned.repeat_interleave(Bs, dim=-1), False
 
 
 def _flat_tokens(x: torch.Tensor) -> torch.Tensor:

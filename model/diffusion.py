@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from decmem.model.memory import LOCAL
+
 
 @dataclass
 class DiffusionArgs:
@@ -91,7 +93,9 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
             mem = (1 - tau_m.view(B, last, 1, 1, 1)) * mem + tau_m.view(B, last, 1, 1, 1) * eps_m
             tau_m = tau_m[:, lo:hi]
         bank = model.encode_memory(mem[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, act(lo, hi), ctx=ctx, tau=tau_m)
-    losses, stats = [], {}
+    # every chunk's draws, in chunk order, on every rank: a rank that runs only some chunks (sharded query
+    # stream) still consumes the generators exactly as one process does
+    draws = []
     for t0 in chunk_starts:
         x0 = latents[:, t0:t0 + C]
         keep = rand((B,), generator, device=x0.device) >= args.window_dropout if args.window_dropout > 0 else None
@@ -100,14 +104,23 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
             a = a * (rand((B,), generator, device=a.device) >= args.action_dropout).view(B, 1, 1).to(a.dtype)
         eps = randn(x0.shape, generator, x0.dtype, x0.device)
         tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
+        draws.append((keep, eps, tau))
+    ctx_ = ctx if ctx is not None else LOCAL
+    idle_chunk = min(range(len(chunk_starts)), key=lambda i: chunk_starts[i])     # cheapest: reads the least history
+    losses, idle, stats = [], [], {}
+    for i in ctx_.query_slots(len(chunk_starts)):
+        j = idle_chunk if i is None else i     # a slot without a chunk of its own still joins every collective
+        t0, (keep, eps, tau) = chunk_starts[j], draws[j]
+        x0 = latents[:, t0:t0 + C]
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
         pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, a, ctx, return_stats,
                             alm_keep=keep)
-        losses.append((pred.float() - (eps - x0).float()).pow(2).mean())
+        (losses if i is not None else idle).append((pred.float() - (eps - x0).float()).pow(2).mean())
     stats["bank_tokens"] = last * model.layout(*latents.shape[-2:]).tokens
     if ctx is not None:
         stats["cp_bytes"] = ctx.bytes_moved()
-    return torch.stack(losses).mean(), stats
+        stats["cp_load"] = ctx.load()
+    return ctx_.chunk_loss(losses, idle, len(chunk_starts)), stats
 
 
 def timesteps(args: DiffusionArgs, device="cpu") -> torch.Tensor:

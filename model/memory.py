@@ -3,17 +3,21 @@
 The attention layer never talks to other processes. It is handed a context
 object satisfying ``MemoryContext`` and calls its methods; this file's
 ``LocalMemory`` is the one-process answer to each of them. The context-parallel
-version (``training/context_parallel.CPMemory``) owns a contiguous range of bank
-frames and answers the same calls with collectives. tests/test_context_parallel.py
-checks that both implement every method of the protocol with its signature.
+versions own a contiguous range of bank frames and answer the same calls with
+collectives: ``training/context_parallel.CPMemory`` (query stream replicated) and
+``training/sequence_parallel.SPMemory`` (query stream sharded: each rank runs its
+own target chunks and fetches what they read). tests/test_context_parallel.py
+checks that all implement every method of the protocol with its signature.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from decmem.model.kernels import attend
 from decmem.model.retrieval import topk_blocks
 
 #################################################################################
@@ -49,6 +53,42 @@ class BankLayer:
         return self.k[:, :, a:b], self.v[:, :, a:b]
 
 
+def flat_frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, n, e] -> [B, H, T*n, e] without copying when T is a slice of a larger buffer."""
+    B, H, T, n, e = x.shape
+    try:
+        return x.view(B, H, T * n, e)
+    except RuntimeError:  # a layout view cannot express: copy
+        return x.reshape(B, H, T * n, e)
+
+
+def pooled_candidates(bank: BankLayer | None, candidates: int, values: bool = False):
+    """Pooled keys [B, H, n, d] of the local blocks in frames older than ``candidates`` (None without a bank);
+    with ``values``, (keys, values).
+
+    Candidates are a prefix of the local frames, so this slices and never masks.
+    """
+    if bank is None:
+        return (None, None) if values else None
+    n_old = min(max(candidates - bank.frame_offset, 0), bank.local_frames)
+    kp = flat_frames(bank.k_pool[:, :, :n_old])
+    return (kp, flat_frames(bank.v_pool[:, :, :n_old])) if values else kp
+
+
+def block_scores(q_pool: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
+    """Retrieval scores q̄_j · K̄_b / sqrt(d): q_pool [B, H, n_qb, d], kp [B, H, n, d] -> [B, H, n_qb, n]."""
+    if kp is None:
+        return q_pool.new_zeros(*q_pool.shape[:-1], 0)
+    return (q_pool / math.sqrt(q_pool.shape[-1])) @ kp.transpose(-1, -2)
+
+
+def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+    """Pooled queries over the pooled K/V of the local candidate blocks -> partial (out [B, H, n_qb, d], lse)."""
+    kp, vp = pooled_candidates(bank, candidates, values=True)
+    empty = q_pool[..., :0, :]
+    return attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty, backend=backend)
+
+
 #################################################################################
 #                               Memory Context                                  #
 #################################################################################
@@ -62,17 +102,36 @@ class MemoryContext(Protocol):
     def shard(self, n_frames: int) -> tuple[int, int]:
         """The bank frames [lo, hi) of [0, n_frames) this process encodes."""
 
-    def select_blocks(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
-        """Global top-k of the candidate blocks -> (idx, valid, selected scores with gradient, all scores or None)."""
+    def select_blocks(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
+        """Global top-k of the candidate blocks for pooled queries [B, H, n_qb, d]
+        -> (idx, valid, selected scores with gradient, all scores or None)."""
+
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+        """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb])."""
+
+    def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
+        """Selected blocks' tokens brought to this rank (k, v [..., k*B, d], mask [..., k*B]), or None: read in place."""
+
+    def fetch_frames(self, bank: BankLayer | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K/V of global frames [lo, hi) brought to this rank, or None: read the local frames in place."""
 
     def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine partial attentions (out [..., d], lse [...]) over disjoint bank shards."""
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of a statistic over the group's ranks, no gradient."""
+        """Sum of a read statistic over the ranks that each read a share of the keys, no gradient."""
 
     def window_kv(self, bank: BankLayer | None, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """K/V of global bank frames [lo, hi), whole on every rank: [B, H, n, N_f, d] each."""
+        """K/V of global bank frames [lo, hi), whole on every rank that reads them: [B, H, n, N_f, d] each."""
+
+    def query_slots(self, n_chunks: int) -> list[int | None]:
+        """The target chunks (indices) this rank runs, in order; None: a slot it joins without a chunk of its own."""
+
+    def chunk_loss(self, losses: list[torch.Tensor], idle: list[torch.Tensor], n_chunks: int) -> torch.Tensor:
+        """The step's loss from this rank's chunk losses (and idle slots' losses, weight 0)."""
+
+    def load(self) -> dict:
+        """This step's work per rank of the group (query chunks), for logging imbalance."""
 
     def memory_halo(self, k: torch.Tensor, v: torch.Tensor, n: int):
         """K/V of the n frames before this shard's first frame, at this layer, or None."""
@@ -98,17 +157,29 @@ class LocalMemory:
         """Total bank frames across the group."""
         return 0 if bank is None else bank.frame_offset + bank.local_frames
 
-    def select_blocks(self, local_scores: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
-        """Global top-k of the candidate blocks (frames [0, candidates)) from the local blocks' scores.
+    def select_blocks(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, k: int):
+        """Global top-k of the candidate blocks (frames [0, candidates)) for pooled queries q_pool [..., n_qb, d].
 
-        local_scores: [..., n] for the local frames older than ``candidates``, in
-        block order (on one process: all of them). Returns (idx [..., k] global
-        block indices, valid [..., k], selected scores [..., k] with gradient,
-        all scores [..., n] or None where they are not all held locally).
+        Returns (idx [..., k] global block indices, valid [..., k], selected scores
+        [..., k] with gradient, all scores [..., n] or None where they are not all
+        held locally).
         """
-        idx, valid = topk_blocks(local_scores, k)
-        sel = local_scores.gather(-1, idx) if local_scores.shape[-1] else local_scores.new_zeros(idx.shape)
-        return idx, valid, sel, local_scores
+        scores = block_scores(q_pool, pooled_candidates(bank, candidates))          # [..., n_qb, n]
+        idx, valid = topk_blocks(scores, k)
+        sel = scores.gather(-1, idx) if scores.shape[-1] else scores.new_zeros(idx.shape)
+        return idx, valid, sel, scores
+
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+        """Pooled queries over every candidate block's pooled K/V (all local here)."""
+        return coarse_partial(q_pool, bank, candidates, backend)
+
+    def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
+        """Every block is local: read in place."""
+        return None
+
+    def fetch_frames(self, bank: BankLayer | None, lo: int, hi: int):
+        """Every frame is local: read in place."""
+        return None
 
     def merge_partials(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine partial attentions over disjoint bank shards (identity on one process)."""
@@ -135,6 +206,18 @@ class LocalMemory:
     def bank_cameras(self, K: torch.Tensor, c2w: torch.Tensor):
         """Cameras of every bank frame (the local ones are all of them here)."""
         return K, c2w
+
+    def query_slots(self, n_chunks: int) -> list[int | None]:
+        """Every chunk runs here."""
+        return list(range(n_chunks))
+
+    def chunk_loss(self, losses: list[torch.Tensor], idle: list[torch.Tensor], n_chunks: int) -> torch.Tensor:
+        """Mean over the chunks (no idle slot on one process)."""
+        return torch.stack(losses).mean()
+
+    def load(self) -> dict:
+        """Nothing to balance on one process."""
+        return {}
 
     def bytes_moved(self) -> dict[str, int]:
         """Nothing moves on one process."""

@@ -14,6 +14,9 @@ from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
 from decmem.model.dit import ModelArgs, VideoDiT
 from decmem.training.context_parallel import CPMemory, Layout, build_groups
 from decmem.training.distributed import init_loopback_group as init
+from decmem.training.sequence_parallel import SPMemory
+
+CONTEXTS = {"replicated": CPMemory, "sharded": SPMemory}
 
 
 def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera="plucker", top_k=3, window=3, seed=0,
@@ -52,10 +55,13 @@ def loss_and_grads(model, lat, K, c2w, starts, ctx, seed=3, window_dropout=0.0, 
     return loss.detach(), grads, stats
 
 
-def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: int | None = None) -> None:
+def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: int | None = None,
+                      queries: str = "replicated") -> None:
     """Every case: cp loss, selection and (world-averaged) gradients equal the single-process ones.
 
     With dp > 1 every dp replica gets the same batch, so the world average must still equal one process.
+    queries: the query stream's layout (CONTEXTS). Sharded, each rank also reads a chunk of its own
+    (a different one per rank) and its output and selection must equal one process's for that chunk.
     """
     init(rank, world, port)
     try:
@@ -70,9 +76,11 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
             lat, K, c2w = batch(case["T"], dtype, repeat_frames=case.get("repeat"))
             aug = dict(window_dropout=case.get("window_dropout", 0.0), memory_noise=case.get("memory_noise", 0.0))
             ref_loss, ref_grads, ref_stats = loss_and_grads(model, lat, K, c2w, case["starts"], None, **aug)
-            ctx = CPMemory(cp_group, layout.cp_rank, layout.cp)
+            ctx = CONTEXTS[queries](cp_group, layout.cp_rank, layout.cp)
             loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx, **aug)
-            name = f"{case} rank {rank}"
+            name = f"{case} {queries} rank {rank}"
+            if queries == "sharded":
+                check_own_chunk(model, lat, K, c2w, case["starts"], ctx, layout.cp_rank, tol, name)
             with torch.no_grad():                              # the query stream's output itself, not only the loss
                 t0, C = case["starts"][-1], model.args.chunk_frames
                 x = lat[:, t0:t0 + C] * 0.6 + 0.1
@@ -95,7 +103,7 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
                         raise AssertionError(f"{name}: {key} {st[key].tolist()} != single-process {ref_st[key].tolist()}")
             if not torch.allclose(loss, ref_loss, atol=tol, rtol=tol):
                 raise AssertionError(f"{name}: loss {loss.item()} != single-process {ref_loss.item()}")
-            if "selected" in ref_stats["layers"][0]:
+            if "selected" in ref_stats["layers"][0] and queries == "replicated":   # sharded: check_own_chunk
                 for li, (a, b) in enumerate(zip(stats["layers"], ref_stats["layers"])):
                     va, vb = a["selected"].where(a["selected_valid"], -1), b["selected"].where(b["selected_valid"], -1)
                     if case.get("repeat"):
@@ -122,3 +130,26 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
                 raise AssertionError(f"{name}: no cp bytes were counted")
     finally:
         dist.destroy_process_group()
+
+
+def check_own_chunk(model, lat, K, c2w, starts, ctx, cp_rank, tol, name):
+    """Sharded queries: each rank reads a different chunk in the same call; output and selection as one process."""
+    t0, C = starts[cp_rank % len(starts)], model.args.chunk_frames
+    with torch.no_grad():
+        x = lat[:, t0:t0 + C] * 0.6 + 0.1
+        tau = torch.full((1,), 0.4, dtype=lat.dtype)
+        cams = (K[:, t0:t0 + C], c2w[:, t0:t0 + C])
+        ref_out, ref_st = model(x, tau, *cams, t0, model.encode_memory(lat[:, :t0], K[:, :t0], c2w[:, :t0])
+                                if t0 else None, return_stats=True)
+        last = max(starts)
+        lo, hi = ctx.shard(last)
+        bank = model.encode_memory(lat[:, lo:hi], K[:, lo:hi], c2w[:, lo:hi], lo, ctx=ctx)
+        out, st = model(x, tau, *cams, t0, bank, ctx=ctx, return_stats=True)
+    if not torch.allclose(out, ref_out, atol=tol, rtol=tol):
+        raise AssertionError(f"{name}: own chunk {t0}: output differs by {(out - ref_out).abs().max().item():.3g}")
+    if not torch.allclose(st["entropy"], ref_st["entropy"], atol=tol * 10, rtol=tol * 10):
+        raise AssertionError(f"{name}: own chunk {t0}: entropy {st['entropy'].item()} != {ref_st['entropy'].item()}")
+    for li, (a, b) in enumerate(zip(st["layers"], ref_st["layers"])):
+        if "selected" in b and not torch.equal(a["selected"].where(a["selected_valid"], -1),
+                                               b["selected"].where(b["selected_valid"], -1)):
+            raise AssertionError(f"{name}: own chunk {t0}: layer {li} selected blocks differ from single-process")

@@ -403,6 +403,7 @@ def test_topk_matches_python_reference_with_many_ties(rows, n, k, seed):
 def test_decmem_never_attends_the_whole_bank(monkeypatch):
     """Every kernel call of the sparse path sees at most max(k*B, window, chunk) keys per query."""
     import decmem.model.attention as att
+    import decmem.model.memory as mem
 
     calls = []
     real = att.attend
@@ -412,6 +413,7 @@ def test_decmem_never_attends_the_whole_bank(monkeypatch):
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(att, "attend", spy)
+    monkeypatch.setattr(mem, "attend", spy)                           # the coarse branch's call (the memory context's)
     Nf, Bs, k, W, T = 16, 4, 3, 3, 64
     m = make(dim=16, heads=2, block_size=Bs, top_k=k, window=W)
     _, _, bank = random_bank(1, 2, T, Nf, 8, Bs)

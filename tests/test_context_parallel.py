@@ -11,6 +11,7 @@ from cp_check import check_equivalence
 from decmem.model.memory import LocalMemory, MemoryContext
 from decmem.training.context_parallel import CPMemory, Layout, shard_range
 from decmem.training.distributed import free_port
+from decmem.training.sequence_parallel import SPMemory
 
 CASES = [
     dict(strategy="decmem", T=11, starts=[7, 9]),                       # 9 bank frames: not divisible by 2 or 4
@@ -55,8 +56,9 @@ def test_both_memory_contexts_implement_the_protocol():
     """The attention layer calls the same methods on one process and under cp: every method of the protocol,
     with its parameters, exists on both implementations (they had drifted before the protocol existed)."""
     methods = [n for n, f in vars(MemoryContext).items() if callable(f) and not n.startswith("_")]
-    assert {"select_blocks", "merge_partials", "window_kv", "memory_halo", "bank_cameras", "bytes_moved"} <= set(methods)
-    for impl in (LocalMemory, CPMemory):
+    assert {"select_blocks", "merge_partials", "window_kv", "memory_halo", "bank_cameras", "bytes_moved",
+            "fetch_blocks", "query_slots", "chunk_loss"} <= set(methods)
+    for impl in (LocalMemory, CPMemory, SPMemory):
         for name in methods:
             assert callable(getattr(impl, name, None)), f"{impl.__name__} lacks {name}"
             want = list(inspect.signature(getattr(MemoryContext, name)).parameters)[1:]

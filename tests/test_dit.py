@@ -211,6 +211,7 @@ def test_bank_save_load_resumes_rollout_identically(tmp_path):
 
 def _keys_per_query(m, bank_frames, monkeypatch):
     import decmem.model.attention as att
+    import decmem.model.memory as mem
 
     seen = []
     real = att.attend
@@ -220,6 +221,7 @@ def _keys_per_query(m, bank_frames, monkeypatch):
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(att, "attend", spy)
+    monkeypatch.setattr(mem, "attend", spy)                           # the coarse branch's call (the memory context's)
     lat = torch.randn(1, bank_frames + 2, 3, 8, 8, dtype=F64)
     K, c2w = cameras(1, bank_frames + 2)
     bank = m.encode_memory(lat[:, :bank_frames], K[:, :bank_frames], c2w[:, :bank_frames])
@@ -227,6 +229,7 @@ def _keys_per_query(m, bank_frames, monkeypatch):
     _, stats = m(lat[:, bank_frames:], torch.full((1,), 0.5, dtype=F64), K[:, bank_frames:], c2w[:, bank_frames:],
                  bank_frames, bank)
     monkeypatch.setattr(att, "attend", real)
+    monkeypatch.setattr(mem, "attend", real)
     per_layer = sum(seen) // m.args.depth  # each call's keys are read by each of its queries once
     pooled = stats["layers"][0]["attended_pooled"]                    # the coarse branch: one key per old block
     assert per_layer == stats["attended_tokens"] + pooled

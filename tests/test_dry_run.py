@@ -217,6 +217,17 @@ def test_cp_splits_the_bank_and_checkpointing_keeps_block_inputs():
     assert ckpt["block_inputs"] == 16 * (60 * 256 + 5 * 4 * 256) * 1024 * 2
 
 
+def test_sharded_queries_split_the_query_stream():
+    """train.cp_queries=sharded: each of 4 cp ranks holds ceil(5 / 4) = 2 of the 5 target chunks' activations."""
+    rep = estimate_memory(cfg_for("paper.yaml", "train.activation_checkpointing=false"), 4, (32, 32))
+    sh = estimate_memory(cfg_for("paper.yaml", "train.activation_checkpointing=false", "train.cp_queries=sharded"),
+                         4, (32, 32))
+    assert rep["target_chunks"] == sh["target_chunks"] == 5 and sh["local_target_chunks"] == 2
+    assert sh["query_tokens"] == rep["query_tokens"] * 2 / 5
+    assert sh["query_stream"] < rep["query_stream"] * 2 / 5                    # and no fp32 merge buffer
+    assert sh["memory_stream"] == rep["memory_stream"] and sh["bank_kv"] == rep["bank_kv"]
+
+
 def test_dense_attention_costs_more_than_decmem_on_a_long_bank():
     # a fixed number of target chunks: with data.target_chunks=0 (every chunk) the query stream grows with the clip
     over = ("data.clip_frames=202", "data.min_context=100", "data.target_chunks=2")

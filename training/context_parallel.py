@@ -7,6 +7,8 @@ answers the attention layer's context calls:
   select_blocks   local block scores -> all-gather of each rank's top-k (score, index) -> one global
                   top-k, identical on every rank (k pairs per rank move, not every block's score)
   merge_partials  partial (out, lse) over local blocks -> fp32 log-sum-exp merge across the group
+  coarse_read     the coarse branch's partial over the local candidates, merged the same way
+  fetch_blocks    None: the selected blocks are read in place (fetching them is training/sequence_parallel.py's)
   window_kv       the ALM window's K/V (few frames, possibly on another rank), to every rank
   memory_halo     the W-1 frames before a shard, for the memory stream's local window
 Gradients: every collective whose result is replicated has the all-reduce of
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from decmem.model.memory import block_scores, coarse_partial, pooled_candidates
 from decmem.model.retrieval import topk_blocks
 
 #################################################################################
@@ -71,6 +74,22 @@ def shard_range(n_frames: int, cp: int, cp_rank: int) -> tuple[int, int]:
     base, extra = divmod(n_frames, cp)
     lo = cp_rank * base + min(cp_rank, extra)
     return lo, lo + base + (1 if cp_rank < extra else 0)
+
+
+def cp_scalars(moved: dict, load: dict, micro_batches: int, depth: int) -> dict[str, float]:
+    """Per-step logging: bytes per layer (per micro-batch) moved by each collective, and the ranks' imbalance.
+
+    moved: ``bytes_moved()`` of the step (all micro-batches); load: ``load()`` (work per rank, e.g. query chunks).
+    Imbalance is max over mean: 1 when every rank of the group runs as many chunks.
+    """
+    out = {"cp/bytes_per_step": float(sum(moved.values()))}
+    for name, n in sorted(moved.items()):
+        out[f"cp/bytes_per_layer/{name}"] = n / max(1, depth * micro_batches)
+    chunks = load.get("chunks")
+    if chunks and sum(chunks):
+        out["cp/chunks_per_rank_max"] = float(max(chunks))
+        out["cp/imbalance_chunks"] = max(chunks) / (sum(chunks) / len(chunks))
+    return out
 
 
 def build_groups(layout: Layout):
@@ -141,6 +160,7 @@ class CPMemory:
         self.group, self.rank, self.size = group, cp_rank, cp_size
         self.total = 0                                     # bank frames of the current step, all ranks together
         self.bytes = defaultdict(int)                      # collective -> bytes this rank sent + received
+        self.n_chunks = None                               # target chunks of the current step (query_slots)
 
     # ---- bank layout -------------------------------------------------------------
 
@@ -156,7 +176,7 @@ class CPMemory:
 
     # ---- collectives the attention layer calls ------------------------------------
 
-    def select_blocks(self, local_scores, bank, candidates: int, k: int):
+    def select_blocks(self, q_pool, bank, candidates: int, k: int):
         """Global top-k from each rank's local top-k: gather k (score, global index) pairs per rank, not all scores.
 
         The global top-k lies within the union of the local ones. Ranks hold increasing contiguous frame
@@ -165,6 +185,7 @@ class CPMemory:
         """
         n_b = bank.blocks_per_frame if bank is not None else 1
         lo = self.ranges()[self.rank][0]
+        local_scores = block_scores(q_pool, pooled_candidates(bank, candidates))      # [..., n_qb, n_local]
         l_idx, l_valid = topk_blocks(local_scores, k)                                          # [..., k] local indices
         l_sel = local_scores.gather(-1, l_idx) if local_scores.shape[-1] else local_scores.new_zeros(l_idx.shape)
         l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf))
@@ -175,6 +196,31 @@ class CPMemory:
         pos, valid = topk_blocks(cand, k)                                               # same rule as one process
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
+
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
+        """The coarse branch over the local candidates, merged over every rank's (replicated queries)."""
+        return self.merge_partials(*coarse_partial(q_pool, bank, candidates, backend))
+
+    def fetch_blocks(self, bank, idx, valid, block_size: int):
+        """Replicated queries read their local blocks in place (partials merged afterwards)."""
+        return None
+
+    def fetch_frames(self, bank, lo: int, hi: int):
+        """Replicated queries read their local frames in place (partials merged afterwards)."""
+        return None
+
+    def query_slots(self, n_chunks: int) -> list[int | None]:
+        """Replicated query stream: every rank runs every chunk."""
+        self.n_chunks = n_chunks
+        return list(range(n_chunks))
+
+    def chunk_loss(self, losses, idle, n_chunks: int):
+        """Every rank's loss is the full loss (the replicated collectives' adjoints make up the rest)."""
+        return torch.stack(losses).mean()
+
+    def load(self) -> dict:
+        """Every rank runs every chunk."""
+        return {"chunks": [self.n_chunks] * self.size} if self.n_chunks is not None else {}
 
     def merge_partials(self, out, lse):
         """Log-sum-exp merge of partial attentions across the group, in fp32; (0, -inf) rows stay empty."""

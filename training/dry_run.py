@@ -138,6 +138,10 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     f32 = 4
     Lb = local_bank_frames(cfg)                       # bank frames this rank encodes
     chunks = target_chunks(cfg)
+    # train.cp_queries=sharded: each rank runs its own chunks, as many slots as the busiest rank (an idle slot
+    # reruns a chunk with weight 0); replicated: every rank runs every chunk
+    sharded = t.cp_queries == "sharded" and layout.cp > 1
+    local_chunks = -(-chunks // layout.cp) if sharded else chunks
     Tm = Lb * Nf * batch                              # memory-stream tokens per rank
     Tq = C * Nf * batch                               # query-stream tokens per chunk (replicated over cp)
     math_kernel = att.backend == "math"               # explicit softmax keeps probabilities; fused kernels do not
@@ -192,16 +196,17 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
             q_tok += D
         if math_kernel:
             q_tok += 3 * H * ((W - 1) * Nf + C * Nf + (att.top_k * Bs if s == "decmem" else 0))
-    q_layer = (Tq * q_tok + q_chunk) * a + (Tq * 2 * D * f32 if layout.cp > 1 and s != "window" else 0)
-    query_stream = depth * chunks * q_layer
+    # (sharded: no merge; the fetched blocks and window are held like the local ones, counted above)
+    q_layer = (Tq * q_tok + q_chunk) * a + (Tq * 2 * D * f32 if layout.cp > 1 and s != "window" and not sharded else 0)
+    query_stream = depth * local_chunks * q_layer
 
     # outside the blocks: the final layer keeps its LayerNorm input, modulate() output and Linear input per
     # query token (the embeddings keep nothing token-sized: their adds save nothing, convs keep their input)
-    head = chunks * Tq * 3 * D * a
+    head = local_chunks * Tq * 3 * D * a
     one_block = max(mem_layer, q_layer)
     if t.activation_checkpointing:
         # only each block's input is kept (both streams); backward recomputes one block at a time
-        inputs = depth * (Tm + chunks * Tq) * D * a
+        inputs = depth * (Tm + local_chunks * Tq) * D * a
         activations = inputs + head + one_block
     else:
         inputs = 0
@@ -228,7 +233,8 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         memory_stream=int(memory_stream), query_stream=int(query_stream), block_inputs=int(inputs), head=int(head),
         world=world, dp=layout.dp, cp=layout.cp, precision=precision, device=device, n_params=n_params,
         tokens_per_frame=Nf, bank_frames=bank_frames(cfg), local_bank_frames=Lb, target_chunks=chunks,
-        memory_tokens=Tm, query_tokens=chunks * Tq,
+        memory_tokens=Tm, query_tokens=local_chunks * Tq, local_target_chunks=local_chunks,
+        cp_queries="sharded" if sharded else "replicated",
     )
     return out
 
@@ -334,7 +340,8 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         f"  per cp rank: {mem['local_bank_frames']} frames max"
         + (f", shards {' '.join(f'[{lo},{hi})' for lo, hi in shards)}" if layout.cp > 1 and shards else "")
         + f"  = {mem['memory_tokens']:,} memory-stream tokens; query stream {mem['query_tokens']:,} tokens "
-        "(replicated)",
+        + (f"({mem['local_target_chunks']} of {mem['target_chunks']} chunks: train.cp_queries=sharded)"
+           if mem["cp_queries"] == "sharded" else "(replicated)"),
         f"memory estimate per rank ({precision}, micro-batch {d.batch_size}, worst case: the whole bank read)",
     ]
     names = {

@@ -29,16 +29,18 @@ from decmem.training.checkpoint import (
 )
 from decmem.training.checkpoint_guard import describe_write_error
 from decmem.training.config import dump_config, to_dict
-from decmem.training.context_parallel import CPMemory, Layout, build_groups
+from decmem.training.context_parallel import CPMemory, Layout, build_groups, cp_scalars
 from decmem.training.distributed import RunFailed, collective_device, init_distributed, peer_lost, resolve_device
 from decmem.training.engine import ShardedEMA, build_engine, gather_state_dict
 from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
 from decmem.training.metrics import MetricLogger
+from decmem.training.sequence_parallel import SPMemory
 from decmem.training.validate import resolve_precision, validate
 from decmem.training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
 from decmem.training.weights import save_weights
 
 PRECISIONS = ("auto", "fp32", "bf16")
+CP_QUERIES = ("replicated", "sharded")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class TrainArgs:
     steps: int = 1000                # optimizer steps
     grad_accum: int = 1              # micro-batches per optimizer step (DeepSpeed's gradient accumulation)
     cp: int = 1                      # context-parallel group size: ranks that share one sample's memory bank
+    cp_queries: str = "replicated"   # the query stream under cp: replicated (every rank runs every target chunk,
+                                     # partial outputs merged) or sharded (each rank runs its own chunks and fetches
+                                     # only their selected blocks and windows; training/sequence_parallel.py)
     zero_stage: int = 3
     precision: str = "auto"          # auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"             # auto | cpu | cuda
@@ -64,6 +69,8 @@ class TrainArgs:
                 raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
         if self.stop_at < 0:
             raise ValueError(f"stop_at: expected >= 0, got {self.stop_at}")
+        if self.cp_queries not in CP_QUERIES:
+            raise ValueError(f"cp_queries: expected one of {CP_QUERIES}, got {self.cp_queries!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
@@ -108,7 +115,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.engine, self.scheduler = build_engine(cfg, world, self.precision)
         cp_group, _ = build_groups(self.layout)
-        self.ctx = CPMemory(cp_group, self.layout.cp_rank, self.layout.cp) if self.layout.cp > 1 else None
+        ctx_cls = SPMemory if t.cp_queries == "sharded" else CPMemory
+        self.ctx = ctx_cls(cp_group, self.layout.cp_rank, self.layout.cp) if self.layout.cp > 1 else None
         self.loader = ShardLoader(cfg.data, cfg.model.chunk_frames, self.layout.dp_rank, self.layout.dp)
         self.ema = ShardedEMA(self.engine.module, t.ema) if t.ema > 0 else None
         self.state = TrainState(layout={"world": world, "dp": self.layout.dp, "cp": self.layout.cp})
@@ -207,7 +215,8 @@ class Trainer:
             if key in stats:
                 scalars[f"attention/{key}"] = float(stats[key].mean())
         if self.ctx is not None:
-            scalars["cp/bytes_per_step"] = float(sum(self.ctx.bytes_moved().values()))
+            scalars.update(cp_scalars(self.ctx.bytes_moved(), stats.get("cp_load", {}), len(micro_batches),
+                                      self.cfg.model.depth))
         ls = self.loader.stats                           # cumulative counts of what the loader skipped
         for key in ("bad_samples", "short_samples", "corrupt_shards", "missing_shards", "read_retries",
                     "read_retry_wait_s"):

@@ -1,0 +1,68 @@
+"""Sharded query stream (issue 17) with real processes (gloo, CPU): cp = 2 and 4 reproduce one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from cp_check import check_equivalence
+
+from decmem.training.distributed import free_port
+from decmem.training.sequence_parallel import chunk_range
+
+#################################################################################
+#                                    Cases                                      #
+#################################################################################
+
+DECMEM = dict(strategy="decmem", merge="residual", coarse=True, camera="prope", position="rope")
+CASES = [
+    dict(DECMEM, T=12, starts=[4, 6, 8, 10]),                          # every chunk a target; 10 bank frames
+    dict(DECMEM, T=11, starts=[7, 9], merge="gate"),                   # 2 chunks: at cp = 4 two ranks own none
+    dict(DECMEM, T=10, starts=[4, 8], merge="joint", top_k=1),         # candidates on few ranks
+    dict(DECMEM, T=12, starts=[4, 6, 8, 10], window_dropout=0.5, memory_noise=0.5),
+    dict(strategy="decmem", T=12, starts=[5, 10], dtype=torch.float32),
+    dict(strategy="window", T=11, starts=[5, 7, 9]),
+    dict(strategy="dense", T=9, starts=[4, 7], camera="prope", position="rope"),
+    dict(strategy="dense_decay", T=9, starts=[4, 7]),
+    dict(strategy="fov_frames", T=11, starts=[7, 9]),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_queries_match_single_process(world):
+    cases = [c for c in CASES if min(c["starts"]) >= world]            # every rank holds >= 1 bank frame
+    mp.spawn(check_equivalence, args=(world, free_port(), cases, None, "sharded"), nprocs=world, join=True)
+
+
+def test_sharded_queries_dp2_x_cp2():
+    mp.spawn(check_equivalence, args=(4, free_port(), [CASES[0], CASES[6]], 2, "sharded"), nprocs=4, join=True)
+
+
+def test_chunk_ranges_are_contiguous_and_balanced():
+    assert [chunk_range(7, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert [chunk_range(2, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]    # two ranks own none
+
+
+def test_cp_scalars_log_bytes_per_layer_and_imbalance():
+    from decmem.training.context_parallel import cp_scalars
+
+    out = cp_scalars({"sp_kv": 800, "sp_scores": 80}, {"chunks": [2, 2, 1, 1]}, micro_batches=2, depth=4)
+    assert out["cp/bytes_per_step"] == 880
+    assert out["cp/bytes_per_layer/sp_kv"] == 100 and out["cp/bytes_per_layer/sp_scores"] == 10
+    assert out["cp/imbalance_chunks"] == pytest.approx(2 / 1.5) and out["cp/chunks_per_rank_max"] == 2
+
+
+def test_bench_sp_runs_both_layouts_on_the_same_loss(tmp_path):
+    """`decmem bench sp` on a tiny model: the three timed layouts compute the same loss; bytes come per collective."""
+    from decmem.bench.sp import run_sp_bench
+    from decmem.training.config import load_config
+    from decmem.training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, None, ["model.size=debug", "bench_generate.latent_h=8", "bench_generate.latent_w=8",
+                                        "model.attention.block_size=4", "model.chunk_frames=2"])
+    res = run_sp_bench(cfg, 8, [2], [8], str(tmp_path / "sp.json"), steps=1, log=lambda *a: None)
+    losses = [r["loss"] for r in res["time"]]
+    assert [r["queries"] for r in res["time"]] == ["one process", "replicated", "sharded"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    sharded = next(r for r in res["bytes"] if r["queries"] == "sharded")
+    assert sharded["by_collective"]["sp_kv"] > 0 and sharded["every_chunk_chunks_per_rank"] == 2
+    assert (tmp_path / "sp.json").exists()

@@ -1,0 +1,300 @@
+"""Sequence parallelism over both streams (DESIGN §4, issue 17): the query stream is sharded too.
+
+``CPMemory`` shards the memory stream and replicates the query stream: every rank of
+a cp group runs every target chunk. ``SPMemory`` also shards the target chunks:
+rank r runs the chunks [lo, hi) of ``chunk_range(n_chunks, cp, r)``, a contiguous,
+balanced (by count) slice of the chunks in time order. Count is the right balance
+for decmem and window: a chunk reads k blocks per query block plus its window
+whatever its age, so every chunk costs about the same (only the pooled scoring,
+small, grows with history); dense reads grow with age and are not balanced by it.
+
+Per layer of one chunk slot (every rank runs ceil(n_chunks / cp) slots; a rank
+short of chunks runs the cheapest chunk again with loss weight 0, so that every
+rank makes the same module calls and collectives, as ZeRO-3 requires):
+  select_blocks  all-gather the pooled queries (cp x [B, H, n_qb, d], independent of the bank's length;
+                 the pooled keys, the alternative, grow with it; the coarse branch reuses them); each rank scores every rank's pooled
+                 queries against its local candidates and takes a local top-k; an all-to-all returns k
+                 (score, index) pairs per (query block, head) from every rank to the chunk's owner, which
+                 takes the global top-k exactly as CPMemory does
+  fetch_blocks   the owner sends the keys of its selected blocks (deduplicated over query blocks) to
+                 the ranks holding them; they send back those blocks' K/V: 2 all-to-alls of indices
+                 (counts, keys) and one of K/V, bounded by k · B tokens per (query block, head)
+  coarse_read    pooled queries all-gathered; each rank's (out, lse) of every chunk's pooled queries
+                 over its candidates return by all-to-all and merge at the owner
+  window_kv      the ALM window's frames come from the rank that holds them, to the chunk's owner only
+  fetch_frames   dense: the whole readable history is fetched (it reads every token; no saving there)
+All-to-alls are variable-size ``all_to_all_single`` (gloo supports it in torch 2.13). Gradients:
+``_AllToAll``'s adjoint is the reverse exchange, so a fetched block's gradient returns to its owner.
+Loss: each rank's loss is cp x (its chunks' losses) / n_chunks, so the ranks' gradients sum to
+cp x the true one, like CPMemory's, and DeepSpeed's world average is the dp average; the loss's
+value is the full loss. Every autograd exchange output of the step is tied into the loss by a
+zero-valued ``_Sink``, so each backward exchange runs on every rank even where a result went unused
+(an empty window, no candidate); autograd then runs them in reverse creation order everywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from decmem.model.kernels import merge_lse
+from decmem.model.memory import block_scores, coarse_partial, pooled_candidates
+from decmem.model.retrieval import topk_blocks
+from decmem.training.context_parallel import CPMemory
+
+#################################################################################
+#                                  Chunk Layout                                 #
+#################################################################################
+
+def chunk_range(n_chunks: int, cp: int, cp_rank: int) -> tuple[int, int]:
+    """Contiguous chunks [lo, hi) of rank cp_rank: the first n % cp ranks get one more; a rank may get none."""
+    base, extra = divmod(n_chunks, cp)
+    lo = cp_rank * base + min(cp_rank, extra)
+    return lo, lo + base + (1 if cp_rank < extra else 0)
+
+
+#################################################################################
+#                          Autograd-aware Exchanges                             #
+#################################################################################
+
+class _AllToAll(torch.autograd.Function):
+    """Flat x cut into segments of ``send`` elements, segment r to rank r; receives ``recv`` elements per rank.
+
+    Adjoint: the reverse exchange (a received element's gradient goes back to the rank that sent it).
+    ``anchor`` records the node on every rank even where x needs no gradient (see context_parallel).
+    """
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group, anchor=None):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = g.new_empty(sum(ctx.send))
+        dist.all_to_all_single(gx, g.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return gx, None, None, None, None
+
+
+class _Sink(torch.autograd.Function):
+    """A zero scalar that depends on every input: adding it to the loss makes autograd visit them all."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        ctx.shapes = [(x.shape, x.dtype, x.device) for x in xs]
+        return xs[0].new_zeros(()).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.shapes)
+
+
+#################################################################################
+#                           The Sharded-query Context                           #
+#################################################################################
+
+class SPMemory(CPMemory):
+    """Memory context of one rank when both streams are sharded over the cp group (train.cp_queries=sharded)."""
+
+    def __init__(self, group, cp_rank: int, cp_size: int):
+        super().__init__(group, cp_rank, cp_size)
+        self._pending: list[torch.Tensor] = []             # autograd exchange outputs of this step (for _Sink)
+        self._counts: list[int] = []                       # chunks per rank of this step
+        self._q_cache = None                               # (pooled queries, candidates, gathered, all candidates)
+
+    # ---- chunks ---------------------------------------------------------------------
+
+    def shard(self, n_frames: int) -> tuple[int, int]:
+        """A new step: forget exchange outputs of any earlier forward that never reached ``chunk_loss``."""
+        self._pending, self._q_cache = [], None
+        return super().shard(n_frames)
+
+    def query_slots(self, n_chunks: int) -> list[int | None]:
+        """This rank's chunks, then None up to ceil(n_chunks / cp) slots (the most any rank runs)."""
+        self._counts = [b - a for a, b in (chunk_range(n_chunks, self.size, r) for r in range(self.size))]
+        lo, hi = chunk_range(n_chunks, self.size, self.rank)
+        return list(range(lo, hi)) + [None] * (max(self._counts) - (hi - lo))
+
+    def chunk_loss(self, losses, idle, n_chunks: int):
+        """Value: the full loss; gradient: cp x this rank's share (see the module docstring)."""
+        parts = losses + [0.0 * x for x in idle]           # idle slots join the graph, weight 0
+        local = torch.stack(parts).sum() if parts else torch.zeros(())
+        full = local.detach().float().reshape(1).clone()                                 # no grad: the value only
+        self._count("loss", full)
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self.group)
+        full = full[0] / n_chunks
+        share = local * (self.size / n_chunks)
+        loss = share + (full - share.detach()).to(share.dtype)
+        if torch.is_grad_enabled() and self._pending:
+            loss = loss + _Sink.apply(*self._pending).to(loss.dtype)
+        self._pending, self._q_cache = [], None
+        return loss
+
+    def load(self) -> dict:
+        return {"chunks": list(self._counts)} if self._counts else {}
+
+    # ---- replicated-query merges are identities here: every read is whole on its chunk's owner ------------
+
+    def merge_partials(self, out, lse):
+        """Reads are whole on the chunk's owner: nothing to merge."""
+        return out, lse
+
+    def all_sum(self, x):
+        """A read statistic of keys that were all read here: nothing to add."""
+        return x
+
+    # ---- retrieval --------------------------------------------------------------------
+
+    def _queries(self, q_pool, candidates: int):
+        """Every rank's pooled queries [cp, B, H, n_qb, d] (with gradient) and candidate frames [cp].
+
+        The layer's coarse branch asks again for the same tensor right after select_blocks: the same call
+        on every rank, so every rank reuses the gathered copy instead of gathering twice.
+        """
+        hit = self._q_cache
+        if hit is not None and hit[0] is q_pool and hit[1] == candidates:
+            return hit[2], hit[3]
+        qg = self._all_gather(q_pool, "sp_queries")
+        olds = self._all_gather_nograd(torch.tensor([candidates]), "sp_queries").view(-1).tolist()
+        self._q_cache = (q_pool, candidates, qg, olds)
+        return qg, olds
+
+    def select_blocks(self, q_pool, bank, candidates: int, k: int):
+        """Global top-k for this rank's chunk: each rank's local top-k of it comes back by all-to-all."""
+        n_b = bank.blocks_per_frame if bank is not None else 1
+        lo = self.ranges()[self.rank][0] if self.total else 0
+        qg, olds = self._queries(q_pool, candidates)
+        sel, gidx = [], []
+        for r in range(self.size):                         # rank r's chunk against my candidates
+            s = block_scores(qg[r], pooled_candidates(bank, olds[r]))                 # [B, H, n_qb, n_r]
+            l_idx, l_valid = topk_blocks(s, k)                                          # [B, H, n_qb, k]
+            l_sel = s.gather(-1, l_idx) if s.shape[-1] else s.new_zeros(l_idx.shape)
+            sel.append(torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)))
+            gidx.append(torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)))
+        g_sel = self._exchange(torch.stack(sel), "sp_scores")                            # [cp, B, H, n_qb, k] from each
+        g_idx = self._exchange_nograd(torch.stack(gidx), "sp_scores")
+        cand = torch.cat(list(g_sel.unbind(0)), dim=-1)                                 # [B, H, n_qb, cp*k], rank order
+        cidx = torch.cat(list(g_idx.unbind(0)), dim=-1)
+        pos, valid = topk_blocks(cand, k)                                               # the same rule as one process
+        idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
+        return idx, valid, cand.gather(-1, pos), None
+
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
+        """Every rank's partial of this chunk's pooled queries over its candidates, merged here."""
+        qg, olds = self._queries(q_pool, candidates)
+        parts = [coarse_partial(qg[r], bank, olds[r], backend) for r in range(self.size)]
+        outs = self._exchange(torch.stack([o for o, _ in parts]), "sp_coarse")           # [cp, B, H, n_qb, d]
+        lses = self._exchange(torch.stack([lse for _, lse in parts]), "sp_coarse")       # [cp, B, H, n_qb]
+        return merge_lse(list(zip(outs.unbind(0), lses.unbind(0))))
+
+    # ---- fetching K/V -----------------------------------------------------------------
+
+    def fetch_blocks(self, bank, idx, valid, block_size: int):
+        """The selected blocks' tokens, from the ranks holding them: (k, v [B, H, G, k*Bs, d], mask [B, H, G, k*Bs])."""
+        if bank is None:                                   # no bank on any rank (every chunk starts at 0)
+            return None
+        B, H, G, k = idx.shape
+        n_b, Bs = bank.blocks_per_frame, block_size
+        dk, dv = bank.k.shape[-1], bank.v.shape[-1]
+        n_all = self.total * n_b                           # blocks of the whole bank
+        # one request per distinct (sample, head, block): query blocks often pick the same ones
+        bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
+        key = (bh * n_all + idx)[valid]                                                  # [n_valid]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        starts = torch.tensor([lo for lo, _ in self.ranges()], device=idx.device) * n_b
+        owner = torch.searchsorted(starts, uniq % n_all, right=True) - 1
+        order = torch.argsort(owner, stable=True)                                        # requests grouped by owner
+        where = torch.empty_like(order)
+        where[order] = torch.arange(len(order), device=order.device)
+        want = torch.bincount(owner, minlength=self.size)                                # [cp] blocks I ask of each
+        asked = self._exchange_nograd(want, "sp_requests")                               # [cp] blocks each asks of me
+        want, asked = want.tolist(), asked.tolist()
+        req = self._a2a_nograd(uniq[order], want, asked, "sp_requests")                  # keys asked of me
+        # serve: their tokens from my shard
+        lo_blk = bank.frame_offset * n_b
+        b, h = (req // n_all // H).unsqueeze(-1), (req // n_all % H).unsqueeze(-1)      # [n_req, 1] sample, head
+        tok = ((req % n_all - lo_blk) * Bs).unsqueeze(-1) + torch.arange(Bs, device=req.device)  # [n_req, Bs]
+        kt, vt = bank.k.flatten(2, 3), bank.v.flatten(2, 3)     # [B, H, T_local*N_f, d], a view (see _gather_blocks)
+        pay = torch.cat([kt[b, h, tok], vt[b, h, tok]], dim=-1)                         # [n_req, Bs, dk+dv]
+        got = self._a2a(pay.reshape(-1), [n * Bs * (dk + dv) for n in asked], [n * Bs * (dk + dv) for n in want],
+                        "sp_kv").view(-1, Bs, dk + dv)                                   # [n_uniq, Bs, dk+dv], by owner
+        per = got[where[inv]]                                                            # [n_valid, Bs, dk+dv]
+        full = per.new_zeros(B, H, G, k, Bs, dk + dv).index_put((valid,), per)
+        kb = full[..., :dk].reshape(B, H, G, k * Bs, dk)
+        vb = full[..., dk:].reshape(B, H, G, k * Bs, dv)
+        return kb, vb, valid.repeat_interleave(Bs, dim=-1)
+
+    def fetch_frames(self, bank, lo: int, hi: int):
+        """Frames [lo, hi) whole on this rank, each from the rank holding it."""
+        return self._fetch_range(bank, lo, hi, "sp_frames")
+
+    def window_kv(self, bank, lo: int, hi: int):
+        """The ALM window [lo, hi) of this rank's chunk, sent by the rank(s) holding it to this rank only."""
+        return self._fetch_range(bank, lo, hi, "sp_window")
+
+    def _fetch_range(self, bank, lo: int, hi: int, name: str):
+        if bank is None:
+            return None
+        B, H, _, Nf, dk = bank.k.shape
+        dv = bank.v.shape[-1]
+        hi = max(hi, lo)
+        asks = self._all_gather_nograd(torch.tensor([lo, hi]), name).tolist()            # [cp, 2]: every rank's range
+        own = self.ranges()
+        me_lo, me_hi = own[self.rank]
+        send, parts = [], []
+        for r_lo, r_hi in asks:                            # my frames in each rank's range
+            a, b = max(r_lo, me_lo), min(r_hi, me_hi)
+            k_, v_ = bank.frames(a, b) if b > a else bank.frames(me_lo, me_lo)
+            parts.append(torch.cat([k_, v_], dim=-1).reshape(-1))                        # [B*H*n*N_f*(dk+dv)]
+            send.append(parts[-1].numel())
+        per_frame = B * H * Nf * (dk + dv)
+        n_from = [max(0, min(hi, p_hi) - max(lo, p_lo)) for p_lo, p_hi in own]           # frames from each rank
+        got = self._a2a(torch.cat(parts), send, [n * per_frame for n in n_from], name)
+        if hi <= lo:
+            return None
+        # rank order is time order, so the received segments are the frames [lo, hi) in order; each
+        # segment is [B, H, n_p, N_f, e] on its own: stitch them along the frame axis
+        segs, off = [], 0
+        for n in n_from:
+            segs.append(got[off:off + n * per_frame].view(B, H, n, Nf, dk + dv))
+            off += n * per_frame
+        kv = torch.cat(segs, dim=2)                                                      # [B, H, hi-lo, N_f, dk+dv]
+        return kv[..., :dk], kv[..., dk:]
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def _a2a(self, x, send, recv, name):
+        """Autograd all-to-all of a flat tensor, counted (bytes sent + received, own segment excluded)."""
+        self._count_a2a(name, x, send, recv)
+        out = _AllToAll.apply(x, send, recv, self.group, self._anchor())
+        if out.requires_grad:
+            self._pending.append(out)
+        return out
+
+    def _a2a_nograd(self, x, send, recv, name):
+        self._count_a2a(name, x, send, recv)
+        out = x.new_empty(sum(recv))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=self.group)
+        return out
+
+    def _exchange(self, x, name):
+        """x [cp, ...]: slice r goes to rank r; returns [cp, ...], slice p from rank p (with gradient)."""
+        n = x[0].numel()
+        return self._a2a(x.reshape(-1), [n] * self.size, [n] * self.size, name).view(x.shape)
+
+    def _exchange_nograd(self, x, name):
+        n = x[0].numel() if x.dim() > 1 else 1
+        return self._a2a_nograd(x.reshape(-1), [n] * self.size, [n] * self.size, name).view(x.shape)
+
+    def _all_gather(self, x, name):
+        out = super()._all_gather(x, name)
+        if out.requires_grad:
+            self._pending.append(out)
+        return out
+
+    def _count_a2a(self, name, x, send, recv):
+        e = x.element_size()
+        self.bytes[name] += e * (sum(send) - send[self.rank] + sum(recv) - recv[self.rank])
