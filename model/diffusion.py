@@ -104,13 +104,13 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
             a = a * (rand((B,), generator, device=a.device) >= args.action_dropout).view(B, 1, 1).to(a.dtype)
         eps = randn(x0.shape, generator, x0.dtype, x0.device)
         tau = sample_tau(B, args, generator, x0.device).to(x0.dtype)                # [B]
-        draws.append((keep, eps, tau))
+        draws.append((keep, a, eps, tau))
     ctx_ = ctx if ctx is not None else LOCAL
     idle_chunk = min(range(len(chunk_starts)), key=lambda i: chunk_starts[i])     # cheapest: reads the least history
     losses, idle, stats = [], [], {}
     for i in ctx_.query_slots(len(chunk_starts)):
         j = idle_chunk if i is None else i     # a slot without a chunk of its own still joins every collective
-        t0, (keep, eps, tau) = chunk_starts[j], draws[j]
+        t0, (keep, a, eps, tau) = chunk_starts[j], draws[j]
         x0 = latents[:, t0:t0 + C]
         x_t = (1 - tau.view(B, 1, 1, 1, 1)) * x0 + tau.view(B, 1, 1, 1, 1) * eps
         pred, stats = model(x_t, tau, K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, a, ctx, return_stats,
