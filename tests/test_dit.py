@@ -123,6 +123,9 @@ def test_action_dropout_nulls_target_chunk_actions_per_sample_and_keeps_the_bank
     assert bank_in.shape[1] == 10 and torch.equal(bank_in, acts[:, :10])
     assert len(chunk_in) == 4 and all(not c.any() for c in chunk_in)
     assert abs(loss(1.0).item() - loss(1e-9).item()) > 2e-5                  # the actions mattered
+    seen.clear()
+    loss(1e-9)                                                               # kept: each chunk gets its own actions
+    assert all(torch.equal(c, acts[:, t0:t0 + 2]) for c, t0 in zip(seen[1:], starts))
     # p = 0.5: drawn per (chunk, sample) from the sample's generator, so a sample's loss does not depend on its batch
     seen.clear()
     torch.testing.assert_close(loss(0.5), (loss(0.5, (0,)) + loss(0.5, (1,))) / 2, atol=1e-6, rtol=0)
