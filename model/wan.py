@@ -356,8 +356,10 @@ class DecMemWan(nn.Module):
         """Per-frame time tau [B, T] in [0, 1] -> (temb [B, T, D], modulation [B, T, 6, D], text [B, L, D])."""
         B, T = tau.shape
         text = self.text_context.expand(B, -1, -1) if context is None else context
-        temb, proj, text, _ = self.condition_embedder((tau * 1000.0).flatten(), text.to(self.text_context.dtype),
-                                                      timestep_seq_len=T)
+        # the text sets diffusers' embedding dtype (temb.type_as(text)): the weights' dtype, which under bf16
+        # training is not the (fp32, non-persistent) context buffer's
+        dtype = self.condition_embedder.time_proj.weight.dtype
+        temb, proj, text, _ = self.condition_embedder((tau * 1000.0).flatten(), text.to(dtype), timestep_seq_len=T)
         return temb, proj.unflatten(2, (6, -1)), text
 
     def _final(self, x, temb, Nf, h, w):

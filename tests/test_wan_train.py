@@ -231,3 +231,24 @@ def test_wan_with_the_wan_vae_end_to_end(tmp_path):
     assert rc == 0
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert len(res["clips"]) == 1 and set(res["clips"][0]["strategies"]) == {"decmem", "window"}
+
+
+def test_wan_job_through_submit_bf16_activation_checkpointing_cp2(tmp_path, data, wan_dir):
+    """`decmem submit` (submitit's job function, 2 local processes) runs a Wan job the way the paper config trains:
+    bf16, ZeRO-2 + activation checkpointing of Wan's blocks, cp = 2."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = str(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "decmem.cli", "submit", os.path.join(root, "configs", "debug.yaml"),
+                        f"run_dir={run_dir}", f"data.data={data}", *wan(wan_dir), "train.steps=2",
+                        "checkpoint.every_steps=2", "log.every_steps=1", "log.progress=false", "train.cp=2",
+                        "train.precision=bf16", "train.zero_stage=2", "train.activation_checkpointing=true",
+                        "--cluster", "local", "--tasks-per-node", "2", "--wait", "240"],
+                       cwd=root, capture_output=True, text=True, timeout=360)
+    assert r.returncode == 0 and "FINISHED" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    m = metrics(run_dir)
+    assert sorted(m) == [1, 2] and all(math.isfinite(row["train/loss"]) for row in m.values())
+    model, wcfg = load_weights(os.path.join(run_dir, "checkpoints", "step-2", "weights"))
+    assert type(model).__name__ == "DecMemWan" and wcfg.model.backbone == "wan"
