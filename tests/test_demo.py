@@ -111,7 +111,8 @@ def test_demo_chain_at_debug_size(tmp_path):
     r = subprocess.run([*DEMO, "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("reused") == 8 and "$ decmem train" not in r.stdout and "$ decmem generate" not in r.stdout
+    # reused: 2 training datasets, held-out, train, 3 generates, minute data, minute eval
+    assert r.stdout.count("reused") == 9 and "$ decmem train" not in r.stdout and "$ decmem generate" not in r.stdout
     assert "$ decmem eval --weights" not in r.stdout and "## The minute-long rollout" in open(
         os.path.join(out, "report.md")).read()
 
