@@ -9,6 +9,7 @@ import platform
 import resource
 
 import torch
+import torch.distributed as dist
 
 
 def orbit_cameras(n: int, hw: tuple[int, int], radius: float = 2.0, turns: float = 1.5):
@@ -105,3 +106,12 @@ def sync(dev) -> None:
     """Wait for the device's queued work, so a timer around it measures it."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def gather_to_json(row, world: int, rank: int, out_path: str) -> None:
+    """Every rank's ``row`` of a multi-process bench, written by rank 0 as one JSON list (rank order)."""
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(rows, f)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from decmem.bench.common import orbit_cameras
+from decmem.bench.common import gather_to_json, orbit_cameras
 from decmem.model.factory import build_model
 from decmem.training.config import config_from_dict, to_dict
 from decmem.training.context_parallel import CPMemory, Layout, build_groups
@@ -52,11 +52,7 @@ def _worker(rank, world, port, cfg_dict, T, out_path):
         row = {"rank": rank, "frames": hi - lo, "bank_bytes": bank_bytes, "owned_selected": owned,
                "query_bytes": dict(ctx.bytes), "memory_bytes": memory_bytes,
                "kv_allgather_bytes_per_layer": int(2 * kv_layer * (world - 1) / world)}
-        rows = [None] * world
-        dist.all_gather_object(rows, row)
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(rows, f)
+        gather_to_json(row, world, rank, out_path)
     finally:
         dist.destroy_process_group()
 

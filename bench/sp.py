@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from decmem.bench.common import orbit_cameras
+from decmem.bench.common import gather_to_json, orbit_cameras
 from decmem.model.diffusion import rectified_flow_loss
 from decmem.model.factory import build_model
 from decmem.training.config import config_from_dict, to_dict
@@ -113,11 +113,7 @@ def _bytes_worker(rank, world, port, cfg_dict, T, out_path):
                 x = lat[:, t0:t0 + C]
                 model(x, torch.full((1,), 0.5), K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, ctx=ctx)
                 rows[queries] = dict(ctx.bytes_moved())
-        every = [None] * world
-        dist.all_gather_object(every, rows)
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(every, f)
+        gather_to_json(rows, world, rank, out_path)
     finally:
         dist.destroy_process_group()
 
