@@ -66,6 +66,27 @@ def logs(run_dir, job_id, ext="out"):
     return {t: open(os.path.join(d, f"{job_id}_{t}_log.{ext}")).read() for t in (0, 1)}
 
 
+def explain(run_dir, job_id) -> str:
+    """Everything that says why a job ended as it did, as one string (pytest prints string messages whole): the
+    tail of every task's log, SLURM's record of the job and the controller's and node daemon's lines about it."""
+    parts = []
+    for t in (0, 1):
+        for ext in ("err", "out"):
+            p = os.path.join(run_dir, "submitit", f"{job_id}_{t}_log.{ext}")
+            text = open(p).read() if os.path.exists(p) else "(missing)"
+            parts.append(f"--- task {t} {ext} (last 3000 chars) ---\n{text[-3000:]}")
+    show = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True, timeout=30)
+    parts.append(f"--- scontrol show job {job_id} ---\n{show.stdout}{show.stderr}")
+    conf = os.environ.get("SLURM_CONF")
+    for name in ("slurmctld.log", "slurmd.log"):
+        p = os.path.join(os.path.dirname(conf), name) if conf else ""
+        if os.path.exists(p):
+            lines = [l for l in open(p, errors="replace") if f"JobId={job_id}" in l or f"job {job_id}" in l
+                     or f"StepId={job_id}." in l or "error" in l.lower()]
+            parts.append(f"--- {name}: lines on job {job_id} and errors (last 40) ---\n{''.join(lines[-40:])}")
+    return "\n".join(parts)
+
+
 def weights(run_dir, step):
     from safetensors.torch import load_file
 
@@ -82,7 +103,7 @@ def straight(slurm, data, tmp_path_factory):
 
 def test_two_task_job_completes(straight):
     run_dir, job, st = straight
-    assert st["state"] == "COMPLETED", (st, logs(run_dir, job, "err"))
+    assert st["state"] == "COMPLETED", f"{st}\n{explain(run_dir, job)}"
     out = logs(run_dir, job)
     assert "rank 0/2" in out[0] and "rank 1/2" in out[1]                # both ranks ran, each in its own log
     assert "finished training: done" in out[0] and "finished training: done" in out[1]
@@ -111,7 +132,7 @@ def test_preemption_saves_requeues_and_resumes(straight, data, tmp_path):
     while time.monotonic() < deadline and slurm_state(job).get("restarts", 0) < 1:
         time.sleep(0.5)
     st = slurm_state(job)
-    assert st["restarts"] == 1, st
+    assert st["restarts"] == 1, f"{st}\n{explain(run_dir, job)}"
     saved = int(open(os.path.join(run_dir, "checkpoints", "latest")).read().split("-")[1])
     assert 8 <= saved < STEPS
     # SLURM holds a requeued job back for a couple of minutes (Reason=BeginTime); once it is pending, start it now
@@ -120,7 +141,7 @@ def test_preemption_saves_requeues_and_resumes(straight, data, tmp_path):
         time.sleep(0.3)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
     st = wait_finished(job, deadline_s=240)
-    assert st["state"] == "COMPLETED", (st, logs(run_dir, job, "err"))
+    assert st["state"] == "COMPLETED", f"{st}\n{explain(run_dir, job)}"
     out = logs(run_dir, job)[0]
     assert "finished training: requeue" in out and "requeued" in out and "finished training: done" in out
     assert "resumed from" in logs(run_dir, job, "err")[0]
