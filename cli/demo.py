@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from decmem.cli.common import fail, log, strategies
 from decmem.data_pipeline.render import FPS, PATHS, find_inputs
@@ -109,6 +109,37 @@ def _manifest_done(root: str, spec: str) -> bool:
             and all(r.get("status") in ("done", "skipped") for r in inputs.values()))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _config_changes(run_dir: str, cfg: RunConfig) -> list[str]:
+    """What differs between the training run's resolved config and this demo's, as 'key: old -> new' lines.
+
+    Train steps may grow (the run resumes) and logging / checkpoint cadence does not change the model; anything
+    else (model, data, diffusion, optimiser) would make a reused or resumed run another model than the one asked for.
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return []
+    try:
+        old = _flat(asdict(load_config(RunConfig, path)))
+    except (ValueError, TypeError, KeyError) as e:       # written by another version of the config schema
+        return [f"{path} does not load ({e})"]
+    new = _flat(asdict(cfg))
+    skip = ("train.steps", "log.", "checkpoint.every_", "checkpoint.keep")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(skip)]
+
+
+def _newer(path: str, than: str) -> bool:
+    """path exists and was written after ``than`` (an output older than the weights it came from is stale)."""
+    return os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(than)
+
+
 def _train_done(run_dir: str, steps: int) -> int | None:
     path = resolve_resume(run_dir, "latest")
     if path is None:
@@ -162,6 +193,12 @@ def run_demo(a: DemoArgs, log=print) -> str:
 
     # 3: train (resumes from its latest checkpoint if a previous demo was interrupted)
     steps = cfg.train.steps
+    changed = _config_changes(train_dir, cfg)
+    if changed:                                   # e.g. configs/demo.yaml edited since: train this config afresh
+        shutil.rmtree(train_dir + ".prev", ignore_errors=True)
+        os.replace(train_dir, train_dir + ".prev")
+        log(f"[3/6 train] the config changed since {train_dir} was trained ({'; '.join(changed[:4])}"
+            f"{'; ...' if len(changed) > 4 else ''}): moved it to {train_dir}.prev, training afresh")
     done = _train_done(train_dir, steps)
     if done is not None:
         summary.append(f"[3/6 train] reused {train_dir}: step {done}")
@@ -176,6 +213,7 @@ def run_demo(a: DemoArgs, log=print) -> str:
                        f"loss {first:.3f} -> {last:.3f}")
     log(summary[-1])
     weights = os.path.join(train_dir, "checkpoints", f"step-{done}", "weights")
+    weights_file = os.path.join(weights, "model.safetensors")
 
     # 4: one rollout per strategy from the same weights, bank initialised from the held-out clip
     n_new = a.heldout_frames - a.init_frames
@@ -184,7 +222,7 @@ def run_demo(a: DemoArgs, log=print) -> str:
         gdir = os.path.join(out, "generate", s)
         runs.append(gdir)
         fj = os.path.join(gdir, "frames.json")
-        fresh = "2/6 held-out" not in ran and os.path.exists(fj)
+        fresh = "2/6 held-out" not in ran and _newer(fj, weights_file)
         if fresh and _read_json(fj)["summary"]["weights"] == os.path.abspath(weights):
             summary.append(f"[4/6 generate {s}] reused {gdir}")
         else:
@@ -241,7 +279,7 @@ def _minute(a: DemoArgs, out: str, weights: str, log) -> tuple[list[str], str]:
     path = os.path.join(res_dir, "eval.json")
     want = {"weights": weights, "data": data, "init_frames": a.init_frames, "frames": a.long_frames,
             "strategies": list(a.strategies), "sample_steps": a.long_steps, "frames_for": frames_for}
-    done = os.path.exists(path) and not rendered and all(_read_json(path)["args"].get(k) == v
+    done = _newer(path, os.path.join(weights, "model.safetensors")) and not rendered and all(_read_json(path)["args"].get(k) == v
                                                          for k, v in want.items())
     if done:
         lines.append(f"[6/6 minute eval] reused {res_dir}")

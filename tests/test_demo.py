@@ -142,3 +142,20 @@ def test_a_dataset_of_another_render_spec_is_not_reused(tmp_path):
     _manifest(tmp_path / "old", old)
     assert _manifest_done(str(tmp_path / "old"), "scenes=2,frames=48,hw=16x16,seed=0")
     assert not _manifest_done(str(tmp_path / "old"), spec)
+
+
+def test_a_training_run_of_another_config_is_not_reused(tmp_path):
+    """`decmem demo` reuses a finished training run only for the config it was trained with (more steps resume)."""
+    from decmem.cli.demo import _config_changes
+    from decmem.training.config import dump_config, load_config
+    from decmem.training.run_config import RunConfig
+
+    config = os.path.join(ROOT, "configs", "demo.yaml")
+    run = str(tmp_path / "train")
+    os.makedirs(run)
+    assert _config_changes(run, load_config(RunConfig, config)) == []                 # nothing trained yet
+    dump_config(load_config(RunConfig, config, [f"run_dir={run}"]), os.path.join(run, "config.yaml"))
+    same = load_config(RunConfig, config, [f"run_dir={run}", "train.steps=900", "log.every_steps=5"])
+    assert _config_changes(run, same) == []
+    other = load_config(RunConfig, config, [f"run_dir={run}", "model.attention.block_size=64", "optim.lr=3e-4"])
+    assert _config_changes(run, other) == ["model.attention.block_size: 16 -> 64", "optim.lr: 0.001 -> 0.0003"]
