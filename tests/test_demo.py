@@ -157,5 +157,5 @@ def test_a_training_run_of_another_config_is_not_reused(tmp_path):
     dump_config(load_config(RunConfig, config, [f"run_dir={run}"]), os.path.join(run, "config.yaml"))
     same = load_config(RunConfig, config, [f"run_dir={run}", "train.steps=900", "log.every_steps=5"])
     assert _config_changes(run, same) == []
-    other = load_config(RunConfig, config, [f"run_dir={run}", "model.attention.block_size=64", "optim.lr=3e-4"])
-    assert _config_changes(run, other) == ["model.attention.block_size: 16 -> 64", "optim.lr: 0.001 -> 0.0003"]
+    other = load_config(RunConfig, config, [f"run_dir={run}", "model.attention.block_size=16", "optim.lr=3e-4"])
+    assert _config_changes(run, other) == ["model.attention.block_size: 64 -> 16", "optim.lr: 0.001 -> 0.0003"]
