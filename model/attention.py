@@ -350,7 +350,7 @@ class DecMemAttention(nn.Module):
         coarse = None
         if a.coarse:
             # every candidate block's score is a logit here, so each one gets a gradient, not only the selected
-            c_out, _ = ctx.coarse_read(q_pool, bank, old, a.backend, scores)          # [B, H, n_qb, d], whole
+            c_out, _ = ctx.coarse_read(q_pool, bank, old, a.backend)                  # [B, H, n_qb, d], whole
             coarse = c_out.repeat_interleave(Bs, dim=2)                              # [B, H, N, d]
         return (out, lse), coarse, {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
                                     "scores": scores.detach() if scores is not None else None}

@@ -82,29 +82,11 @@ def block_scores(q_pool: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
     return (q_pool / math.sqrt(q_pool.shape[-1])) @ kp.transpose(-1, -2)
 
 
-def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str,
-                   scores: torch.Tensor | None = None):
-    """Pooled queries over the pooled K/V of the local candidate blocks -> partial (out [B, H, n_qb, d], lse).
-
-    ``scores``: ``block_scores`` of the same queries and candidates, when the caller has them. They are this
-    branch's logits, so the read reuses them instead of recomputing them in a kernel (one pass over every
-    candidate block instead of three: pooled-key copy, logits, read).
-    """
+def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+    """Pooled queries over the pooled K/V of the local candidate blocks -> partial (out [B, H, n_qb, d], lse)."""
     kp, vp = pooled_candidates(bank, candidates, values=True)
-    if scores is not None and vp is not None:
-        return softmax_read(scores, vp)
     empty = q_pool[..., :0, :]
     return attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty, backend=backend)
-
-
-def softmax_read(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(logits) @ v with its log-sum-exp, as ``attend`` returns them: logits [..., n_q, n], v [..., n, d]
-    -> (out [..., n_q, d] in v's dtype, lse [..., n_q] fp32, or fp64 for fp64; -inf and out 0 where n = 0)."""
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lw = logits.to(work)
-    lse = torch.logsumexp(lw, dim=-1)                                              # [..., n_q]
-    p = torch.exp(lw - lse.unsqueeze(-1)) if lw.shape[-1] else lw                  # [..., n_q, n]
-    return (p @ v.to(work)).to(v.dtype), lse
 
 
 #################################################################################
@@ -124,10 +106,8 @@ class MemoryContext(Protocol):
         """Global top-k of the candidate blocks for pooled queries [B, H, n_qb, d]
         -> (idx, valid, selected scores with gradient, all scores or None)."""
 
-    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str,
-                    scores: torch.Tensor | None = None):
-        """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb]).
-        ``scores``: what ``select_blocks`` returned as all scores (None where it did not), reusable as logits."""
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+        """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb])."""
 
     def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
         """Selected blocks' tokens brought to this rank (k, v [..., k*B, d], mask [..., k*B]), or None: read in place."""
@@ -189,11 +169,9 @@ class LocalMemory:
         sel = scores.gather(-1, idx) if scores.shape[-1] else scores.new_zeros(idx.shape)
         return idx, valid, sel, scores
 
-    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str,
-                    scores: torch.Tensor | None = None):
-        """Pooled queries over every candidate block's pooled K/V (all local here: the retrieval scores are the
-        logits)."""
-        return coarse_partial(q_pool, bank, candidates, backend, scores)
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
+        """Pooled queries over every candidate block's pooled K/V (all local here)."""
+        return coarse_partial(q_pool, bank, candidates, backend)
 
     def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
         """Every block is local: read in place."""

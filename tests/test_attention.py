@@ -413,14 +413,7 @@ def test_decmem_never_attends_the_whole_bank(monkeypatch):
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(att, "attend", spy)
-    monkeypatch.setattr(mem, "attend", spy)
-    real_read = mem.softmax_read
-
-    def spy_read(logits, v):                                          # the coarse branch's read (reuses the scores)
-        calls.append(v.shape[-2])
-        return real_read(logits, v)
-
-    monkeypatch.setattr(mem, "softmax_read", spy_read)
+    monkeypatch.setattr(mem, "attend", spy)                           # the coarse branch's call (the memory context's)
     Nf, Bs, k, W, T = 16, 4, 3, 3, 64
     m = make(dim=16, heads=2, block_size=Bs, top_k=k, window=W)
     _, _, bank = random_bank(1, 2, T, Nf, 8, Bs)

@@ -217,15 +217,14 @@ def _keys_per_query(m, bank_frames, monkeypatch):
     import decmem.model.memory as mem
 
     seen = []
-    real, real_read = att.attend, mem.softmax_read                     # the coarse branch reads with softmax_read
+    real = att.attend
 
     def spy(q, k, v, *a, **kw):
         seen.append(k.shape[-2])
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(att, "attend", spy)
-    monkeypatch.setattr(mem, "attend", spy)
-    monkeypatch.setattr(mem, "softmax_read", lambda logits, v: (seen.append(v.shape[-2]), real_read(logits, v))[1])
+    monkeypatch.setattr(mem, "attend", spy)                           # the coarse branch's call (the memory context's)
     lat = torch.randn(1, bank_frames + 2, 3, 8, 8, dtype=F64)
     K, c2w = cameras(1, bank_frames + 2)
     bank = m.encode_memory(lat[:, :bank_frames], K[:, :bank_frames], c2w[:, :bank_frames])
@@ -234,7 +233,6 @@ def _keys_per_query(m, bank_frames, monkeypatch):
                  bank_frames, bank)
     monkeypatch.setattr(att, "attend", real)
     monkeypatch.setattr(mem, "attend", real)
-    monkeypatch.setattr(mem, "softmax_read", real_read)
     per_layer = sum(seen) // m.args.depth  # each call's keys are read by each of its queries once
     pooled = stats["layers"][0]["attended_pooled"]                    # the coarse branch: one key per old block
     assert per_layer == stats["attended_tokens"] + pooled

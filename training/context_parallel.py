@@ -197,9 +197,8 @@ class CPMemory:
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
 
-    def coarse_read(self, q_pool, bank, candidates: int, backend: str, scores=None):
-        """The coarse branch over the local candidates, merged over every rank's (replicated queries); no whole
-        scores to reuse here (``select_blocks`` gathers only each rank's top k)."""
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
+        """The coarse branch over the local candidates, merged over every rank's (replicated queries)."""
         return self.merge_partials(*coarse_partial(q_pool, bank, candidates, backend))
 
     def fetch_blocks(self, bank, idx, valid, block_size: int):

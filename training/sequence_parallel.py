@@ -182,9 +182,8 @@ class SPMemory(CPMemory):
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
 
-    def coarse_read(self, q_pool, bank, candidates: int, backend: str, scores=None):
-        """Every rank's partial of this chunk's pooled queries over its candidates, merged here (scores: unused,
-        each rank scores other ranks' queries)."""
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
+        """Every rank's partial of this chunk's pooled queries over its candidates, merged here."""
         qg, olds = self._queries(q_pool, candidates)
         parts = [coarse_partial(qg[r], bank, olds[r], backend) for r in range(self.size)]
         outs = self._exchange(torch.stack([o for o, _ in parts]), "sp_coarse")           # [cp, B, H, n_qb, d]
