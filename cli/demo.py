@@ -62,9 +62,9 @@ class DemoArgs:
     # come back to views of the first 24, in every quarter of the minute (150, 26, 79, 85), the last at frame
     # 596; seeds 1100-1129 average 139, and 7 of them never come back after the first quarter.
     long_seed: int = 1111
-    # The stage's cost, measured with the demo model at 32x32 (one thread, the VM's other core busy with another
-    # job): decmem 91 s and window 86 s for 600 frames (0.27-0.35 s per chunk all minute at 2 steps), dense 55 s
-    # for its first 32 (1.8 s per chunk, growing with the bank to 5.2 s); with rendering and scoring 262 s.
+    # The stage's cost in `make demo` (8x8-token blocks, nothing else running): 171 s for decmem and window over
+    # 600 frames (0.19-0.25 s per chunk at 2 steps) and dense over its first 32 (1.4 s per chunk, growing with the
+    # bank to 2.7 s), plus 11 s of rendering.
     long_steps: int = 2              # Euler steps per chunk
     long_dense_frames: int = 32      # dense generates only these (--frames-for dense=32)
     nproc: int = 2
