@@ -43,7 +43,8 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
     teacher_forcing the bank takes the ground-truth chunk (gt_latents) instead
     of the generated one: a diagnostic of how well the model reads its memory.
     keep_selections records which bank blocks each chunk read (for recall@k); keep_stats the dispersion of
-    each generated frame's read (its chunk's last denoising step computes the read statistics, at some cost).
+    each generated frame's read (one more forward at its chunk's last denoising step's input computes the read
+    statistics; chunk_seconds leave it out).
     """
     B, N = init_latents.shape[:2]
     C = model.args.chunk_frames
@@ -67,7 +68,15 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
         Kc, cc = K[:, idx], c2w[:, idx]
         ac = actions[:, idx] if actions is not None else None
         x, stats = euler_sample(model, (B, C, *init_latents.shape[2:]), Kc, cc, t, bank, args, ac, generator, dev, dt,
-                                stats=keep_stats)
+                                keep_last_input=keep_stats)
+        sync()
+        seconds = time.perf_counter() - start
+        if keep_stats:
+            # the read statistics: one more forward at the last step's input, outside the chunk's time (they cost
+            # about as much again as the memory read; a diagnostic is not generation)
+            x_in, tau = stats.pop("last_input")
+            stats = model(x_in, tau, Kc, cc, t, bank, ac, None, True)[1]
+        start = time.perf_counter()
         keep = min(C, total - t)
         new = gt_latents[:, t:t + keep].to(dev, dt) if teacher_forcing else x[:, :keep]
         enc = model.encode_memory(new, Kc[:, :keep], cc[:, :keep], t, act(t, t + keep), past=bank)
@@ -77,7 +86,7 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
             bank.append(enc)
         out.append(x[:, :keep])
         sync()
-        res.chunk_seconds.append(time.perf_counter() - start)
+        res.chunk_seconds.append(seconds + time.perf_counter() - start)
         res.chunk_frames.append(keep)
         res.attended_tokens.append(int(stats["attended_tokens"]))
         if keep_selections:
