@@ -322,8 +322,8 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
         L.append(f"| {name} | {fmt(s['generated_latents']['mean'], '.0f')} | {fmt(s['psnr_revisit']['mean'], '.2f')} "
                  f"| {fmt(s['psnr_novel']['mean'], '.2f')} | {arrow(s, 'chunk_s', '.3g')} "
                  f"| {arrow(s, 'dispersion_low', '.3f')} | {arrow(s, 'dispersion_high', '.3f')} |")
-    L += ["", "Seconds per chunk include the read statistics of each chunk's last denoising step. Weak / strong-key "
-          "mass: the memory read's attention on keys of weight < 0.02 / > 0.05 (the paper's dispersion). "
+    L += ["", "Seconds per chunk are generation only: the read statistics come from one more, untimed forward per "
+          "chunk. Weak / strong-key mass: the memory read's attention on keys of weight < 0.02 / > 0.05 (the paper's dispersion). "
           "`minute/eval.md` has every number (SSIM, recall@k, ...), `minute/dispersion.png` and "
           "`minute/chunk_seconds.png` the curves.", "",
           f"Command: `decmem {shlex.join(cmd[3:])}`", ""]
