@@ -15,6 +15,7 @@ already complete, so a re-run reuses finished stages.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -22,13 +23,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from decmem.cli.common import fail, log, strategies
 from decmem.data_pipeline.render import FPS, PATHS, find_inputs
 from decmem.evaluation.report import fmt
 from decmem.training.checkpoint import resolve_resume
-from decmem.training.config import load_config
+from decmem.training.config import config_keys, load_config
 from decmem.training.run_config import RunConfig
 
 STRATEGIES = ("decmem", "window", "dense")
@@ -109,13 +110,6 @@ def _manifest_done(root: str, spec: str) -> bool:
             and all(r.get("status") in ("done", "skipped") for r in inputs.values()))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _config_changes(run_dir: str, cfg: RunConfig) -> list[str]:
     """What differs between the training run's resolved config and this demo's, as 'key: old -> new' lines.
 
@@ -126,13 +120,13 @@ def _config_changes(run_dir: str, cfg: RunConfig) -> list[str]:
     if not os.path.exists(path):
         return []
     try:
-        old = _flat(asdict(load_config(RunConfig, path)))
+        old = load_config(RunConfig, path)
     except (ValueError, TypeError, KeyError) as e:       # written by another version of the config schema
         return [f"{path} does not load ({e})"]
-    new = _flat(asdict(cfg))
+    value = lambda c, key: functools.reduce(getattr, key.split("."), c)  # noqa: E731
     skip = ("train.steps", "log.", "checkpoint.every_", "checkpoint.keep")
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(skip)]
+    return [f"{k}: {value(old, k)!r} -> {value(cfg, k)!r}" for k in config_keys(RunConfig)
+            if value(old, k) != value(cfg, k) and not k.startswith(skip)]
 
 
 def _newer(path: str, than: str) -> bool:
@@ -279,8 +273,8 @@ def _minute(a: DemoArgs, out: str, weights: str, log) -> tuple[list[str], str]:
     path = os.path.join(res_dir, "eval.json")
     want = {"weights": weights, "data": data, "init_frames": a.init_frames, "frames": a.long_frames,
             "strategies": list(a.strategies), "sample_steps": a.long_steps, "frames_for": frames_for}
-    done = _newer(path, os.path.join(weights, "model.safetensors")) and not rendered and all(_read_json(path)["args"].get(k) == v
-                                                         for k, v in want.items())
+    fresh = _newer(path, os.path.join(weights, "model.safetensors")) and not rendered
+    done = fresh and all(_read_json(path)["args"].get(k) == v for k, v in want.items())
     if done:
         lines.append(f"[6/6 minute eval] reused {res_dir}")
     else:

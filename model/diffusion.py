@@ -130,13 +130,11 @@ def timesteps(args: DiffusionArgs, device="cpu") -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, actions=None, generator=None,
-                 device="cpu", dtype=torch.float32, ctx=None, stats=False, keep_last_input=False):
+                 device="cpu", dtype=torch.float32, ctx=None, keep_last_input=False):
     """Denoise one chunk from pure noise (τ=1) to data (τ=0) with Euler steps -> ([B, C, C_lat, h, w], last stats).
 
-    With ``stats`` the last step's forward also computes the read statistics (entropy, dispersion): only that
-    one, since they cost about as much again as the memory read itself. ``keep_last_input`` puts the last
-    step's (x, τ) in the returned stats as ``last_input``, so a caller can compute them in a forward of its own.
-    With actions and ``args.action_cfg`` != 1 each step runs a second, null-action forward (same bank) and
+    ``keep_last_input`` puts the last step's (x, τ) in the returned stats as ``last_input``, so that a caller can
+    compute the read statistics (entropy, dispersion) in a forward of its own, outside the sampling. With actions and ``args.action_cfg`` != 1 each step runs a second, null-action forward (same bank) and
     extrapolates from it (classifier-free guidance).
     """
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -145,7 +143,7 @@ def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, a
     guided = actions is not None and args.action_cfg != 1.0
     for i in range(args.sample_steps):
         tau = ts[i].expand(shape[0]).to(dtype)
-        v, last = model(x, tau, K, c2w, chunk_start, bank, actions, ctx, stats and i == args.sample_steps - 1)
+        v, last = model(x, tau, K, c2w, chunk_start, bank, actions, ctx)
         if keep_last_input and i == args.sample_steps - 1:
             last["last_input"] = (x, tau)
         if guided:

@@ -147,7 +147,7 @@ def _preempt_and_resume(data, run_dir):
 def test_preemption_saves_requeues_and_resumes(straight, data, tmp_path):
     ref_dir = straight[0]
     # One CI run (of many here and there) saw the requeued job end FAILED (exit 1) with only a truncated log to
-    # show for it, never reproduced locally (0 of 7). Until it is explained, a first failure is reported in full
+    # show for it, never reproduced locally (0 of 8). Until it is explained, a first failure is reported in full
     # as a warning (CI prints the warnings summary) and the scenario runs once more from scratch; a second
     # failure fails the test.
     for attempt in (1, 2):

@@ -37,8 +37,7 @@ def main(folders: list[str], banks=(24, 598), rounds: int = 9, steps: int = 2) -
     times: dict = {}
     with torch.no_grad():
         for w, m in models.items():
-            a = m.args
-            lat = torch.randn(1, n_max, a.latent_channels, 32, 32, generator=g)
+            lat = torch.randn(1, n_max, m.args.latent_channels, 32, 32, generator=g)
             for n in banks:
                 times[(w, n)] = (m, lat, m.encode_memory(lat[:, :n], K[:, :n], c2w[:, :n], 0, None), [])
         for r in range(rounds):
