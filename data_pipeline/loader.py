@@ -232,7 +232,8 @@ class ShardLoader:
         if len(shapes) > 1:
             raise ValueError(f"samples of one batch differ in shape {sorted(shapes)} (keys {[i['key'] for i in items]}); "
                              "preprocess to one --resolution or use batch_size=1")
-        rng = np.random.default_rng([self.args.seed, 7, self.dp_rank, self._cursor["batches"]])
+        # not per dp rank: under ZeRO-3 every rank runs one forward per target chunk, so a step's chunks must agree
+        rng = np.random.default_rng([self.args.seed, 7, self._cursor["batches"]])
         self._cursor["batches"] += 1
         batch = {
             "latents": torch.stack([it["latents"] for it in items]), "K": torch.stack([it["K"] for it in items]),

@@ -185,6 +185,18 @@ def test_every_chunk_teacher_forcing_tiles_the_clip(dataset):
     assert phases == {1, 2}
 
 
+def test_dp_ranks_draw_the_same_chunk_tiling(dataset):
+    """Under ZeRO-3 every rank must run the same module calls: one forward per target chunk, so the dp ranks' batches
+    of a step hold the same chunk starts (with every chunk a target, different tiling phases gave 4 chunks on one
+    rank and 3 on the other; a dp=2 run at size S then timed out in a collective)."""
+    for kw in (dict(target_chunks=0, min_context=1), dict(target_chunks=2, min_context=2)):
+        r0, _ = batches(dataset, 8, dp_rank=0, dp_size=2, **kw)
+        r1, _ = batches(dataset, 8, dp_rank=1, dp_size=2, **kw)
+        assert [b["keys"] for b in r0] != [b["keys"] for b in r1]                 # different samples ...
+        assert [b["chunk_starts"] for b in r0] == [b["chunk_starts"] for b in r1], kw   # ... the same chunks
+    assert len({tuple(b["chunk_starts"]) for b in r0}) > 1                        # still drawn per step
+
+
 def test_several_datasets_joined_with_double_colon(dataset, tmp_path):
     """data.data=A::B (webdataset's separator) trains on both datasets: every shard of each, one epoch covers all."""
     other = str(tmp_path / "other")
