@@ -24,6 +24,10 @@ class DiffusionArgs:
                                       # so one network also predicts without actions (what action_cfg needs)
     action_cfg: float = 1.0           # sampling: v = v(null) + s·(v(actions) - v(null)); 1 = no guidance, one pass
                                       # (the paper uses 7.5 on a model trained with action dropout)
+    self_history: float = 0.0         # training: chance that a step's history after the first target is the model's
+                                      # own rollout (no gradient) instead of the clip's frames; the targets stay the
+                                      # clip's frames, so reads learn what a generated bank is worth (exposure bias)
+    self_history_steps: int = 2       # Euler steps per chunk of that rollout (cost: ~1 step's work at 2)
 
     def __post_init__(self):
         if not 0.0 <= self.memory_noise < 1.0:
@@ -36,6 +40,10 @@ class DiffusionArgs:
             raise ValueError(f"window_dropout: expected a probability in [0, 1), got {self.window_dropout}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps: expected >= 1, got {self.sample_steps}")
+        if not 0.0 <= self.self_history <= 1.0:
+            raise ValueError(f"self_history: expected a probability in [0, 1], got {self.self_history}")
+        if self.self_history_steps < 1:
+            raise ValueError(f"self_history_steps: expected >= 1, got {self.self_history_steps}")
         if self.logit_normal_std <= 0 or self.shift <= 0:
             raise ValueError("logit_normal_std: expected > 0" if self.logit_normal_std <= 0 else "shift: expected > 0")
 
@@ -64,7 +72,7 @@ def sample_tau(n: int, args: DiffusionArgs, generator=None, device="cpu") -> tor
 
 
 def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArgs, actions=None, generator=None,
-                        ctx=None, return_stats=False):
+                        ctx=None, return_stats=False, history=None):
     """Mean-squared velocity error on the target chunks only.
 
     latents [B, T, C, h, w] (clean), K/c2w [B, T, ...]; chunk_starts: frame index of
@@ -74,7 +82,9 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     With ``args.window_dropout`` > 0 each (chunk, sample) first draws whether it keeps
     its ALM window, with ``args.action_dropout`` > 0 whether its actions become the null
     action (the bank's frames keep theirs: the past's actions are known); with ``args.memory_noise`` > 0 every bank frame is first noised. The
-    draws come from the same generators, for the whole bank, so every cp rank agrees.
+    draws come from the same generators, for the whole bank, so every cp rank agrees. ``history`` [B, >= max
+    start, ...]: what the memory stream encodes instead of ``latents`` (the model's own rollout, see
+    ``model.rollout.self_history``); the targets are always ``latents``.
     """
     B, T = latents.shape[:2]
     C = model.args.chunk_frames
@@ -86,7 +96,7 @@ def rectified_flow_loss(model, latents, K, c2w, chunk_starts, args: DiffusionArg
     if last:
         # under context parallelism each rank encodes only its shard [lo, hi) of the bank frames
         lo, hi = ctx.shard(last) if ctx is not None else (0, last)
-        mem, tau_m = latents[:, :last], None
+        mem, tau_m = (latents if history is None else history)[:, :last], None
         if args.memory_noise > 0:                   # drawn for every bank frame, then sliced: ranks agree
             tau_m = rand((B, last), generator, latents.dtype, latents.device) * args.memory_noise       # [B, last]
             eps_m = randn(mem.shape, generator, mem.dtype, mem.device)
@@ -137,7 +147,7 @@ def euler_sample(model, shape, K, c2w, chunk_start, bank, args: DiffusionArgs, a
     compute the read statistics (entropy, dispersion) in a forward of its own, outside the sampling. With actions and ``args.action_cfg`` != 1 each step runs a second, null-action forward (same bank) and
     extrapolates from it (classifier-free guidance).
     """
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = randn(shape, generator, dtype, device)         # one generator, or one per sample
     ts = timesteps(args, device)
     last: dict = {}
     guided = actions is not None and args.action_cfg != 1.0

@@ -101,3 +101,19 @@ def rollout(model, args: DiffusionArgs, init_latents, K, c2w, n_new: int, action
     res.latents, res.bank = torch.cat(out, dim=1), bank
     return res
 
+
+
+@torch.no_grad()
+def self_history(model, args: DiffusionArgs, latents, K, c2w, start: int, end: int, actions=None,
+                 generator=None) -> torch.Tensor:
+    """A training clip's frames [0, end) as the model itself would have made them -> [B, end, C, h, w].
+
+    Frames before ``start`` are the clip's own (what a rollout's bank starts from); frames [start, end) are
+    generated chunk by chunk with ``args.self_history_steps`` Euler steps, each chunk reading the bank built so
+    far, as ``rollout`` does. Training on it (``DiffusionArgs.self_history``) shows the reads the bank they meet
+    at inference, which holds generated frames, not ground truth.
+    """
+    if end <= start:
+        return latents[:, :end]
+    sampling = DiffusionArgs(**{**vars(args), "sample_steps": args.self_history_steps, "action_cfg": 1.0})
+    return rollout(model, sampling, latents[:, :start], K, c2w, end - start, actions, generator).latents

@@ -12,7 +12,7 @@ from decmem.model.bank import MemoryBank
 from decmem.model.camera import plucker_rays, relative_poses
 from decmem.model.diffusion import DiffusionArgs, euler_sample, rectified_flow_loss, timesteps
 from decmem.model.dit import ModelArgs, VideoDiT
-from decmem.model.rollout import rollout
+from decmem.model.rollout import rollout, self_history
 
 F64 = torch.float64
 
@@ -64,6 +64,53 @@ def test_window_dropout_is_drawn_per_sample_and_only_drops_the_window():
     assert loss(0.5).item() not in (keep_all.item(), drop_all.item())   # some chunks kept, some dropped
     with pytest.raises(ValueError, match="window_dropout"):
         DiffusionArgs(window_dropout=1.0)
+
+
+def test_self_history_is_the_models_own_rollout_read_by_the_bank_only():
+    """DiffusionArgs.self_history: frames [start, end) come from the model's own 2-step rollout (Euler by hand here),
+    the memory stream encodes them, and the targets stay the clip's frames."""
+    m = tiny()
+    lat = torch.randn(1, 10, 3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=F64)
+    K, c2w = cameras(1, 10)
+    args = DiffusionArgs(self_history_steps=2)
+
+    def gens():
+        return [torch.Generator().manual_seed(9)]
+
+    hist = self_history(m, args, lat, K, c2w, 4, 8, generator=gens())
+    g = gens()[0]
+    with torch.no_grad():
+        bank = m.encode_memory(lat[:, :4], K[:, :4], c2w[:, :4])
+        frames = [lat[:, :4]]
+        for t in (4, 6):
+            x = torch.randn((1, 2, 3, 8, 8), generator=g, dtype=F64)
+            for a, b in ((1.0, 0.5), (0.5, 0.0)):                       # 2 Euler steps from τ = 1
+                v, _ = m(x, torch.full((1,), a, dtype=F64), K[:, t:t + 2], c2w[:, t:t + 2], t, bank)
+                x = x + (b - a) * v
+            bank.append(m.encode_memory(x, K[:, t:t + 2], c2w[:, t:t + 2], t, past=bank))
+            frames.append(x)
+    torch.testing.assert_close(hist, torch.cat(frames, 1), atol=1e-12, rtol=0)
+    assert (hist[:, 4:] - lat[:, 4:8]).abs().max() > 0.1                  # generated, not copied
+
+    # the loss: bank encoded from the history, every chunk's target from the clip, draws as without history
+    starts = [4, 6, 8]
+    loss = rectified_flow_loss(m, lat, K, c2w, starts, args, generator=gens(), history=hist)[0]
+    g = gens()[0]
+    ref = []
+    with torch.no_grad():
+        bank = m.encode_memory(hist[:, :8], K[:, :8], c2w[:, :8])
+        draws = [(torch.randn((1, 2, 3, 8, 8), generator=g, dtype=F64),
+                  torch.sigmoid(torch.randn((1,), generator=g)).to(F64)) for _ in starts]
+        for t0, (eps, tau) in zip(starts, draws):
+            x0 = lat[:, t0:t0 + 2]
+            pred, _ = m((1 - tau) * x0 + tau * eps, tau, K[:, t0:t0 + 2], c2w[:, t0:t0 + 2], t0, bank)
+            ref.append((pred - (eps - x0)).pow(2).mean())
+    torch.testing.assert_close(loss.double(), torch.stack(ref).mean(), atol=1e-7, rtol=0)     # fp32 loss
+    plain = rectified_flow_loss(m, lat, K, c2w, starts, args, generator=gens())[0]
+    assert abs(plain.item() - loss.item()) > 1e-4                           # the history is what changed it
+    for bad in (dict(self_history=1.5), dict(self_history_steps=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DiffusionArgs(**bad)
 
 
 def test_memory_noise_encodes_noised_frames_at_their_noise_level():

@@ -89,6 +89,22 @@ def test_sharded_queries_match_one_process(tmp_path, data, cp):
     assert_close_weights(sharded, one, f"sharded cp={cp} vs one process")
 
 
+def test_own_history_step_matches_one_process(tmp_path, data):
+    """diffusion.self_history=1: every rank rolls the clip out itself (ZeRO-3 gathers in every forward of it) and the
+    sharded cp=2 step equals one process's; the step differs from plain teacher forcing's."""
+    s = samples(data, 1)
+    both = batch_of(s, [4, 6, 8])
+    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1", f"data.data={data}", "data.batch_size=1",
+            "data.min_context=2", "diffusion.self_history_steps=2"]
+    one = run_world(tmp_path, "one", 1, base + ["diffusion.self_history=1.0"], [[[both]]])
+    cp2 = run_world(tmp_path, "cp2", 2, base + ["diffusion.self_history=1.0", "train.cp=2", "train.cp_queries=sharded"],
+                    [[[both]] * 2])
+    plain = run_world(tmp_path, "plain", 1, base, [[[both]]])
+    assert cp2["losses"][0] == pytest.approx(one["losses"][0], rel=1e-5)
+    assert_close_weights(cp2, one, "own history, sharded cp=2 vs one process")
+    assert abs(one["losses"][0] - plain["losses"][0]) > 1e-4, "the own history did not change the step"
+
+
 def test_gradient_accumulation(tmp_path, data):
     """1 micro-batch of 4 == 2 micro-batches of 2 through DeepSpeed's accumulation."""
     s = samples(data, 4)

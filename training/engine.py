@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
 from decmem.model.factory import build_model as build_network
 from decmem.model.factory import same_network
+from decmem.model.rollout import self_history
 from decmem.training.checkpoint_integrity import CheckpointRefused
 from decmem.training.optim import build_optimizer, build_scheduler
 from decmem.training.weights import load_weights
@@ -29,9 +30,16 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model, self.diffusion = model, diffusion
 
-    def forward(self, latents, K, c2w, chunk_starts, generators, actions=None, ctx=None, return_stats=False):
+    def forward(self, latents, K, c2w, chunk_starts, generators, actions=None, ctx=None, return_stats=False,
+                own_history=None):
+        # own_history (start, end): the memory stream encodes the model's own rollout of frames [start, end)
+        # (DiffusionArgs.self_history). Every rank makes the whole rollout (same noise, no collective of its own);
+        # the trainer gives every rank the same span, so ZeRO-3's parameter gathers stay uniform
+        history = None
+        if own_history is not None:
+            history = self_history(self.model, self.diffusion, latents, K, c2w, *own_history, actions, generators)
         return rectified_flow_loss(self.model, latents, K, c2w, chunk_starts, self.diffusion, actions,
-                                   generators, ctx, return_stats)
+                                   generators, ctx, return_stats, history)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -176,11 +176,12 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.reset_bytes()
         losses, stats = [], {}
+        own_history = self._own_history(micro_batches[0]["latents"].shape[1])
         for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
             gens = sample_generators(self.cfg.seed, self.state.step, mb["keys"])
             loss, stats = self.engine(mb["latents"], mb["K"], mb["c2w"], mb["chunk_starts"], gens, mb.get("actions"),
-                                      self.ctx, with_stats and i == len(micro_batches) - 1)
+                                      self.ctx, with_stats and i == len(micro_batches) - 1, own_history)
             loss = maybe_nan(loss, self.rank, self.state.step + 1)
             maybe_kill(self.rank, self.state.step + 1)
             if not self._all_finite(loss):
@@ -205,7 +206,7 @@ class Trainer:
         h, w = micro_batches[0]["latents"].shape[-2:]
         self.frame_hw = (h, w)
         scalars = {"train/loss": sum(losses) / len(losses), "train/lr": self.scheduler.get_last_lr()[0],
-                   "train/skipped_steps": 0.0,
+                   "train/skipped_steps": 0.0, "train/own_history": float(own_history is not None),
                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                    "memory/bank_tokens": float(stats.get("bank_tokens", 0))}
         for key in ("gate_sgm", "gate_alm", "gate_coarse", "entropy"):
@@ -222,6 +223,18 @@ class Trainer:
                     "read_retry_wait_s"):
             scalars[f"data/{key}"] = float(ls.get(key, 0))
         return scalars, stats
+
+    def _own_history(self, frames: int) -> tuple[int, int] | None:
+        """This step's span of generated history (DiffusionArgs.self_history), or None: one draw from (seed, step)
+        and a span fixed by the config, the same on every rank (ZeRO-3: every rank must run the same forwards;
+        the chunk starts may differ between dp ranks, the span does not)."""
+        p = self.cfg.diffusion.self_history
+        if p <= 0:
+            return None
+        g = sample_generators(self.cfg.seed, self.state.step, ["self_history"])[0]
+        if torch.rand((), generator=g).item() >= p:
+            return None
+        return self.cfg.data.min_context, frames - self.cfg.model.chunk_frames
 
     # ----------------------------------------------------------------------------
     # The loop
@@ -262,6 +275,18 @@ class Trainer:
             logger.close()
             self.loader.close()
         return outcome
+
+    def _own_history(self, frames: int) -> tuple[int, int] | None:
+        """This step's span of generated history (DiffusionArgs.self_history), or None: one draw from (seed, step)
+        and a span fixed by the config, the same on every rank (ZeRO-3: every rank must run the same forwards;
+        the chunk starts may differ between dp ranks, the span does not)."""
+        p = self.cfg.diffusion.self_history
+        if p <= 0:
+            return None
+        g = sample_generators(self.cfg.seed, self.state.step, ["self_history"])[0]
+        if torch.rand((), generator=g).item() >= p:
+            return None
+        return self.cfg.data.min_context, frames - self.cfg.model.chunk_frames
 
     # ----------------------------------------------------------------------------
     # The loop's parts, in the order it calls them
