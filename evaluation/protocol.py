@@ -280,7 +280,8 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         revisit = revisit_mask(clip["c2w"][:gen_src[-1] + 1], first_gen, args.pos_tol, args.angle_tol_deg,
                                gap_src)[first_gen:]
         rule = "pose"
-    lay = any_model.layout(*latents.shape[-2:])
+    # the retrieval blocks of recall's ground truth: a retrieving model's (they agree; window/dense may differ)
+    lay = next((m for n, m in models.items() if n in RETRIEVING), any_model).layout(*latents.shape[-2:])
     n_b = lay.blocks_per_frame
     blocks = pixel_blocks(H, W, lay.h, lay.w, lay.tile)             # every pixel: query pixels land on any of them
     C = any_model.args.chunk_frames                                  # shared: checked with the geometry
@@ -417,13 +418,19 @@ def summarize(clips: list[dict], strategies: list[str]) -> dict:
 
 
 def check_geometry(cfgs: dict, folders: dict) -> None:
-    """Refuse weights folders that differ in codec or latent geometry (GEOMETRY), naming both and what differs.
+    """Refuse weights folders that differ in codec or latent geometry (GEOMETRY), naming both and what differs;
+    the block size binds only the strategies that retrieve blocks.
 
     cfgs: {strategy: WeightsConfig}, folders: {strategy: folder}.
     """
-    (ref, rc), *rest = cfgs.items()
-    for name, c in rest:
-        diff = [f"{what} {get(rc)!r} vs {get(c)!r}" for what, get in GEOMETRY if get(rc) != get(c)]
+    names = list(cfgs)
+    retrieving = [n for n in names if n in RETRIEVING]
+    blocks = [g for g in GEOMETRY if g[0] == "retrieval block size"]
+    pairs = [(names[0], n, [g for g in GEOMETRY if g not in blocks]) for n in names[1:]]
+    pairs += [(retrieving[0], n, blocks) for n in retrieving[1:]]   # window and dense read no retrieval blocks
+    for ref, name, geometry in pairs:
+        rc, c = cfgs[ref], cfgs[name]
+        diff = [f"{what} {get(rc)!r} vs {get(c)!r}" for what, get in geometry if get(rc) != get(c)]
         if diff:
             raise ValueError(f"eval: weights {folders[ref]} ({ref}) and {folders[name]} ({name}) differ in "
                              f"{'; '.join(diff)}: strategies are compared only on one codec and latent geometry")

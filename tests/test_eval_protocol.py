@@ -389,11 +389,28 @@ def test_weights_of_another_geometry_are_refused_in_one_line(rendered, tmp_path,
 
     root, data = rendered
     a, c = str(root / "weights"), str(root / "weights_blocks16")
-    rc = main(["eval", "--weights", f"decmem={a},window={c}", "--data", str(data), "--init-frames", "8",
+    rc = main(["eval", "--weights", f"decmem={a},fov_frames={c}", "--data", str(data), "--init-frames", "8",
                "--frames", "4", "--clips", "1", "--steps", "1", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and not (tmp_path / "out").exists()
-    assert f"weights {a} (decmem) and {c} (window) differ in retrieval block size 4 vs 16" in err
+    assert f"weights {a} (decmem) and {c} (fov_frames) differ in retrieval block size 4 vs 16" in err
+
+
+def test_a_strategy_that_reads_no_blocks_may_come_from_another_block_size(rendered, tmp_path):
+    """window (and dense) read no retrieval blocks: their weights may use another block size than decmem's, and
+    recall is scored on the retrieving model's blocks; the window row is what that folder gives alone."""
+    from decmem.evaluation.protocol import EvalArgs, run_eval
+
+    root, data = rendered
+    a, c = str(root / "weights"), str(root / "weights_blocks16")
+    kw = dict(data=str(data), init_frames=8, frames=4, clips=1, sample_steps=1, min_gap=2)
+    both = run_eval(EvalArgs(weights=f"window={c},decmem={a}", **kw), str(tmp_path / "both"), log=_quiet)
+    alone = run_eval(EvalArgs(weights=c, strategies=["window"], **kw), str(tmp_path / "alone"), log=_quiet)
+    mine = run_eval(EvalArgs(weights=a, strategies=["decmem"], **kw), str(tmp_path / "mine"), log=_quiet)
+    row = lambda r, n: r["clips"][0]["strategies"][n]  # noqa: E731
+    assert row(both, "window")["psnr"] == row(alone, "window")["psnr"]
+    for key in ("psnr", "recall", "chance"):                                 # decmem's blocks, not the first folder's
+        assert row(both, "decmem")[key] == row(mine, "decmem")[key], key
 
 
 def test_dispersion_chunk_seconds_frames_for_and_recall_every(rendered, tmp_path):
