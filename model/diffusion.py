@@ -26,7 +26,8 @@ class DiffusionArgs:
                                       # (the paper uses 7.5 on a model trained with action dropout)
     self_history: float = 0.0         # training: chance that a step's history after the first target is the model's
                                       # own rollout (no gradient) instead of the clip's frames; the targets stay the
-                                      # clip's frames, so reads learn what a generated bank is worth (exposure bias)
+                                      # clip's frames, so reads learn what a generated bank is worth (exposure bias).
+                                      # Measured at 0.5: -2.5 dB on held-out revisits (BENCHMARKS.md, "Over a minute")
     self_history_steps: int = 2       # Euler steps per chunk of that rollout (cost: ~1 step's work at 2)
 
     def __post_init__(self):
