@@ -226,8 +226,8 @@ class Trainer:
 
     def _own_history(self, frames: int) -> tuple[int, int] | None:
         """This step's span of generated history (DiffusionArgs.self_history), or None: one draw from (seed, step)
-        and a span fixed by the config, the same on every rank (ZeRO-3: every rank must run the same forwards;
-        the chunk starts may differ between dp ranks, the span does not)."""
+        and a span fixed by the config and clip length, the same on every rank (ZeRO-3: every rank must run the
+        same forwards)."""
         p = self.cfg.diffusion.self_history
         if p <= 0:
             return None
@@ -275,18 +275,6 @@ class Trainer:
             logger.close()
             self.loader.close()
         return outcome
-
-    def _own_history(self, frames: int) -> tuple[int, int] | None:
-        """This step's span of generated history (DiffusionArgs.self_history), or None: one draw from (seed, step)
-        and a span fixed by the config, the same on every rank (ZeRO-3: every rank must run the same forwards;
-        the chunk starts may differ between dp ranks, the span does not)."""
-        p = self.cfg.diffusion.self_history
-        if p <= 0:
-            return None
-        g = sample_generators(self.cfg.seed, self.state.step, ["self_history"])[0]
-        if torch.rand((), generator=g).item() >= p:
-            return None
-        return self.cfg.data.min_context, frames - self.cfg.model.chunk_frames
 
     # ----------------------------------------------------------------------------
     # The loop's parts, in the order it calls them
