@@ -184,7 +184,7 @@ def run_sp_bytes(cfg, cps, bank_frames, log=print) -> list[dict]:
 
 def run_sp_bench(cfg, clip_frames, cps, bank_frames, json_path=None, steps=3, log=print):
     res = {"time": run_sp_time(cfg, clip_frames, 2, steps, log) if clip_frames else [],
-           "bytes": run_sp_bytes(cfg, cps, bank_frames, log) if bank_frames else []}
+           "bytes": run_sp_bytes(cfg, cps, [t for t in bank_frames if t > 0], log) if any(bank_frames) else []}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

@@ -196,7 +196,7 @@ def add_parsers(sub) -> None:
     spb.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     spb.add_argument("--cp", type=int_list, default=[2, 4], help="cp sizes of the bytes count")
     spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448],
-                     help="bank sizes of the bytes count (empty: no count)")
+                     help="bank sizes of the bytes count (0: no count)")
     spb.add_argument("--json", default=None)
     add_config_args(spb)
     spb.set_defaults(func=cmd_bench_sp)

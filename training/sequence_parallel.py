@@ -54,6 +54,11 @@ def chunk_range(n_chunks: int, cp: int, cp_rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if cp_rank < extra else 0)
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 tensors: what a packed exchange of scores (and block indices) travels in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 #################################################################################
 #                          Autograd-aware Exchanges                             #
 #################################################################################
@@ -104,12 +109,13 @@ class SPMemory(CPMemory):
         self._pending: list[torch.Tensor] = []             # autograd exchange outputs of this step (for _Sink)
         self._counts: list[int] = []                       # chunks per rank of this step
         self._q_cache = None                               # (pooled queries, candidates, gathered, all candidates)
+        self._win_asks = None                              # every rank's raw (lo, hi) of this layer's window_kv
 
     # ---- chunks ---------------------------------------------------------------------
 
     def shard(self, n_frames: int) -> tuple[int, int]:
         """A new step: forget exchange outputs of any earlier forward that never reached ``chunk_loss``."""
-        self._pending, self._q_cache = [], None
+        self._pending, self._q_cache, self._win_asks = [], None, None
         return super().shard(n_frames)
 
     def query_slots(self, n_chunks: int) -> list[int | None]:
@@ -130,7 +136,7 @@ class SPMemory(CPMemory):
         loss = share + (full - share.detach()).to(share.dtype)
         if torch.is_grad_enabled() and self._pending:
             loss = loss + _Sink.apply(*self._pending).to(loss.dtype)
-        self._pending, self._q_cache = [], None
+        self._pending, self._q_cache, self._win_asks = [], None, None
         return loss
 
     def load(self) -> dict:
@@ -149,46 +155,84 @@ class SPMemory(CPMemory):
     # ---- retrieval --------------------------------------------------------------------
 
     def _queries(self, q_pool, candidates: int):
-        """Every rank's pooled queries [cp, B, H, n_qb, d] (with gradient) and candidate frames [cp].
+        """Pooled queries of every chunk whose candidates I hold ({rank: [B, H, n_qb, d]}, with gradient), and
+        the holders of each rank's candidates (``_holders``).
 
-        The layer's coarse branch asks again for the same tensor right after select_blocks: the same call
-        on every rank, so every rank reuses the gathered copy instead of gathering twice.
+        Rank r's pooled queries go only to the ranks holding frames older than its chunk's candidate limit
+        (and to r itself, free): the scores and coarse partials then come back from those ranks alone.
+        The layer's coarse branch asks again right after select_blocks: the same call on every rank, so every
+        rank reuses this exchange. Every rank's candidates (min of its window's lo and hi, see ``window_kv``)
+        come with the window's ranges, which the layer gathered just before; a layer without a window read
+        (none today) gathers them here.
         """
         hit = self._q_cache
         if hit is not None and hit[0] is q_pool and hit[1] == candidates:
             return hit[2], hit[3]
-        qg = self._all_gather(q_pool, "sp_queries")
-        olds = self._all_gather_nograd(torch.tensor([candidates]), "sp_queries").view(-1).tolist()
-        self._q_cache = (q_pool, candidates, qg, olds)
-        return qg, olds
+        if self._win_asks is not None:
+            olds = [min(lo, hi) for lo, hi in self._win_asks]
+            if olds[self.rank] != candidates:
+                raise RuntimeError(f"select_blocks: {candidates} candidate frames, but this layer's window_kv "
+                                   f"implies {olds[self.rank]}; the window and SGM disagree on the chunk's start")
+        else:
+            olds = self._all_gather_nograd(torch.tensor([candidates]), "sp_queries").view(-1).tolist()
+        holders = self._holders(olds)
+        me, n = self.rank, q_pool.numel()
+        got = self._a2a(q_pool.reshape(-1).repeat(len(holders[me])), [n if p in holders[me] else 0 for p in range(self.size)],
+                        [n if me in holders[r] else 0 for r in range(self.size)], "sp_queries")
+        readers = [r for r in range(self.size) if me in holders[r]]                       # chunks I score, rank order
+        qs = dict(zip(readers, got.view(len(readers), *q_pool.shape).unbind(0)))
+        self._q_cache, self._win_asks = (q_pool, candidates, (qs, olds), holders), None
+        return (qs, olds), holders
+
+    def _holders(self, olds: list[int]) -> list[list[int]]:
+        """For each rank r, the ranks holding frames older than olds[r] (its chunk's candidates), plus r itself."""
+        own = self.ranges()
+        return [[p for p, (lo, hi) in enumerate(own) if p == r or (hi > lo and lo < olds[r])] for r in range(self.size)]
+
+    def _to_owners(self, per_reader: dict, holders, name):
+        """Each reader's tensor (same shape for all) to the chunk's owner; returns what the holders of mine sent,
+        in rank order [n_holders, ...] (with gradient)."""
+        me = self.rank
+        ref = next(iter(per_reader.values()))
+        n = ref.numel()
+        flat = torch.cat([per_reader[r].reshape(-1) for r in sorted(per_reader)])
+        got = self._a2a(flat, [n if r in per_reader else 0 for r in range(self.size)],
+                        [n if p in holders[me] else 0 for p in range(self.size)], name)
+        return got.view(len(holders[me]), *ref.shape)
 
     def select_blocks(self, q_pool, bank, candidates: int, k: int):
-        """Global top-k for this rank's chunk: each rank's local top-k of it comes back by all-to-all."""
+        """Global top-k for this rank's chunk: the local top-k of each holder of its candidates, by all-to-all."""
         n_b = bank.blocks_per_frame if bank is not None else 1
         lo = self.ranges()[self.rank][0] if self.total else 0
-        qg, olds = self._queries(q_pool, candidates)
-        sel, gidx = [], []
-        for r in range(self.size):                         # rank r's chunk against my candidates
-            s = block_scores(qg[r], pooled_candidates(bank, olds[r]))                 # [B, H, n_qb, n_r]
+        if self.total * n_b >= 2 ** 24:                    # indices travel as fp32 next to the scores
+            raise ValueError(f"{self.total * n_b} bank blocks: block indices above 2^24 are not exact in fp32")
+        (qs, olds), holders = self._queries(q_pool, candidates)
+        pairs = {}
+        for r, q_r in qs.items():                          # rank r's chunk against my candidates
+            s = block_scores(q_r, pooled_candidates(bank, olds[r]))                     # [B, H, n_qb, n_r]
             l_idx, l_valid = topk_blocks(s, k)                                          # [B, H, n_qb, k]
             l_sel = s.gather(-1, l_idx) if s.shape[-1] else s.new_zeros(l_idx.shape)
-            sel.append(torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)))
-            gidx.append(torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)))
-        g_sel = self._exchange(torch.stack(sel), "sp_scores")                            # [cp, B, H, n_qb, k] from each
-        g_idx = self._exchange_nograd(torch.stack(gidx), "sp_scores")
-        cand = torch.cat(list(g_sel.unbind(0)), dim=-1)                                 # [B, H, n_qb, cp*k], rank order
-        cidx = torch.cat(list(g_idx.unbind(0)), dim=-1)
+            l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)).to(_wide(s.dtype))
+            g_idx = torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)).to(l_sel.dtype)
+            pairs[r] = torch.cat([l_sel, g_idx], dim=-1)                                 # [B, H, n_qb, 2k]
+        got = self._to_owners(pairs, holders, "sp_scores")                               # [n_holders, B, H, n_qb, 2k]
+        cand = torch.cat([g[..., :k] for g in got.unbind(0)], dim=-1).to(q_pool.dtype)  # [B, H, n_qb, n_h*k], rank order
+        cidx = torch.cat([g[..., k:] for g in got.detach().unbind(0)], dim=-1).long()
         pos, valid = topk_blocks(cand, k)                                               # the same rule as one process
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
 
     def coarse_read(self, q_pool, bank, candidates: int, backend: str):
-        """Every rank's partial of this chunk's pooled queries over its candidates, merged here."""
-        qg, olds = self._queries(q_pool, candidates)
-        parts = [coarse_partial(qg[r], bank, olds[r], backend) for r in range(self.size)]
-        outs = self._exchange(torch.stack([o for o, _ in parts]), "sp_coarse")           # [cp, B, H, n_qb, d]
-        lses = self._exchange(torch.stack([lse for _, lse in parts]), "sp_coarse")       # [cp, B, H, n_qb]
-        return merge_lse(list(zip(outs.unbind(0), lses.unbind(0))))
+        """The partials of this chunk's pooled queries over each holder's candidates, merged here."""
+        (qs, olds), holders = self._queries(q_pool, candidates)
+        work = _wide(q_pool.dtype)
+        parts = {}
+        for r, q_r in qs.items():
+            o, lse = coarse_partial(q_r, bank, olds[r], backend)                         # [B, H, n_qb, d], [B, H, n_qb]
+            parts[r] = torch.cat([o.to(work), lse.to(work).unsqueeze(-1)], -1)
+        got = self._to_owners(parts, holders, "sp_coarse")                               # [n_holders, B, H, n_qb, d+1]
+        out, lse = merge_lse([(g[..., :-1], g[..., -1]) for g in got.unbind(0)])
+        return out.to(q_pool.dtype), lse
 
     # ---- fetching K/V -----------------------------------------------------------------
 
@@ -213,18 +257,18 @@ class SPMemory(CPMemory):
         asked = self._exchange_nograd(want, "sp_requests")                               # [cp] blocks each asks of me
         want, asked = want.tolist(), asked.tolist()
         req = self._a2a_nograd(uniq[order], want, asked, "sp_requests")                  # keys asked of me
-        # serve: their tokens from my shard
+        # serve: whole blocks of my shard; a block is Bs consecutive tokens of one frame, so a view splits them out
         lo_blk = bank.frame_offset * n_b
-        b, h = (req // n_all // H).unsqueeze(-1), (req // n_all % H).unsqueeze(-1)      # [n_req, 1] sample, head
-        tok = ((req % n_all - lo_blk) * Bs).unsqueeze(-1) + torch.arange(Bs, device=req.device)  # [n_req, Bs]
-        kt, vt = bank.k.flatten(2, 3), bank.v.flatten(2, 3)     # [B, H, T_local*N_f, d], a view (see _gather_blocks)
-        pay = torch.cat([kt[b, h, tok], vt[b, h, tok]], dim=-1)                         # [n_req, Bs, dk+dv]
+        b, h, blk = req // n_all // H, req // n_all % H, req % n_all - lo_blk                # [n_req] each
+        kt, vt = bank.k.unflatten(3, (n_b, Bs)), bank.v.unflatten(3, (n_b, Bs))        # [B, H, T_loc, n_b, Bs, d]
+        pay = torch.cat([kt[b, h, blk // n_b, blk % n_b], vt[b, h, blk // n_b, blk % n_b]], dim=-1)  # [n_req, Bs, dk+dv]
         got = self._a2a(pay.reshape(-1), [n * Bs * (dk + dv) for n in asked], [n * Bs * (dk + dv) for n in want],
                         "sp_kv").view(-1, Bs, dk + dv)                                   # [n_uniq, Bs, dk+dv], by owner
-        per = got[where[inv]]                                                            # [n_valid, Bs, dk+dv]
-        full = per.new_zeros(B, H, G, k, Bs, dk + dv).index_put((valid,), per)
-        kb = full[..., :dk].reshape(B, H, G, k * Bs, dk)
-        vb = full[..., dk:].reshape(B, H, G, k * Bs, dv)
+        # one gather per K and V straight into [B, H, G, k*Bs, d]; an invalid slot reads a zero row (masked anyway)
+        tab = torch.cat([got, got.new_zeros(1, Bs, dk + dv)])                           # [n_uniq + 1, Bs, dk+dv]
+        row = torch.full_like(idx, len(got)).index_put((valid,), where[inv])            # [B, H, G, k] rows of tab
+        kb = tab[..., :dk][row].view(B, H, G, k * Bs, dk)
+        vb = tab[..., dk:][row].view(B, H, G, k * Bs, dv)
         return kb, vb, valid.repeat_interleave(Bs, dim=-1)
 
     def fetch_frames(self, bank, lo: int, hi: int):
@@ -240,8 +284,11 @@ class SPMemory(CPMemory):
             return None
         B, H, _, Nf, dk = bank.k.shape
         dv = bank.v.shape[-1]
-        hi = max(hi, lo)
         asks = self._all_gather_nograd(torch.tensor([lo, hi]), name).tolist()            # [cp, 2]: every rank's range
+        if name == "sp_window":                            # select_blocks' candidates, min(lo, hi), come with them
+            self._win_asks = asks
+        asks = [(a, max(a, b)) for a, b in asks]
+        hi = max(hi, lo)
         own = self.ranges()
         me_lo, me_hi = own[self.rank]
         send, parts = [], []
