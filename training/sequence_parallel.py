@@ -11,16 +11,15 @@ small, grows with history); dense reads grow with age and are not balanced by it
 Per layer of one chunk slot (every rank runs ceil(n_chunks / cp) slots; a rank
 short of chunks runs the cheapest chunk again with loss weight 0, so that every
 rank makes the same module calls and collectives, as ZeRO-3 requires):
-  select_blocks  all-gather the pooled queries (cp x [B, H, n_qb, d], independent of the bank's length;
-                 the pooled keys, the alternative, grow with it; the coarse branch reuses them); each rank scores every rank's pooled
-                 queries against its local candidates and takes a local top-k; an all-to-all returns k
-                 (score, index) pairs per (query block, head) from every rank to the chunk's owner, which
-                 takes the global top-k exactly as CPMemory does
+  select_blocks  rank r's pooled queries ([B, H, n_qb, d], independent of the bank's length; the pooled keys,
+                 the alternative, grow with it) go only to the ranks holding frames older than its chunk's
+                 candidate limit (every rank's limit arrives with the window's range gather); each scores
+                 them against its candidates, takes a local top-k and returns k (score, index) pairs per
+                 (query block, head) to r, which takes the global top-k exactly as CPMemory does
   fetch_blocks   the owner sends the keys of its selected blocks (deduplicated over query blocks) to
                  the ranks holding them; they send back those blocks' K/V: 2 all-to-alls of indices
                  (counts, keys) and one of K/V, bounded by k · B tokens per (query block, head)
-  coarse_read    pooled queries all-gathered; each rank's (out, lse) of every chunk's pooled queries
-                 over its candidates return by all-to-all and merge at the owner
+  coarse_read    the same holders return (out, lse) of r's pooled queries over their candidates, merged at r
   window_kv      the ALM window's frames come from the rank that holds them, to the chunk's owner only
   fetch_frames   dense: the whole readable history is fetched (it reads every token; no saving there)
 All-to-alls are variable-size ``all_to_all_single`` (gloo supports it in torch 2.13). Gradients:
