@@ -65,4 +65,11 @@ def test_bench_sp_runs_both_layouts_on_the_same_loss(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
     sharded = next(r for r in res["bytes"] if r["queries"] == "sharded")
     assert sharded["by_collective"]["sp_kv"] > 0 and sharded["every_chunk_chunks_per_rank"] == 2
+    # each rank's chunk sits at the end of its bank range: rank 0's candidates are all its own, so only rank 1's
+    # pooled queries [1, 4 heads, 8 query blocks, 16] travel (to rank 0), and only rank 0's answers come back:
+    # k = 8 (score, index) pairs per (head, query block), a (out [16], lse) per (head, query block), fp32
+    one_way = 1 * 4 * 8 * 4
+    assert sharded["by_collective"]["sp_queries"] == one_way * 16
+    assert sharded["by_collective"]["sp_scores"] == one_way * 2 * 8
+    assert sharded["by_collective"]["sp_coarse"] == one_way * (16 + 1)
     assert (tmp_path / "sp.json").exists()
