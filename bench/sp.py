@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ from decmem.training.distributed import free_port, init_loopback_group
 from decmem.training.run_config import RunConfig
 from decmem.training.sequence_parallel import SPMemory
 
-CONTEXTS = {"replicated": CPMemory, "sharded": SPMemory}
+CONTEXTS = {"replicated": CPMemory, "sharded": SPMemory, "shipped": partial(SPMemory, read="ship")}
 
 #################################################################################
 #                                    Workers                                    #
@@ -109,7 +110,7 @@ def _bytes_worker(rank, world, port, cfg_dict, T, out_path):
                 ctx = cls(group, rank, world)
                 ctx.shard(T)
                 # replicated: every rank reads the chunk after the bank; sharded: each its own, at its range's end
-                t0 = hi if queries == "sharded" else T
+                t0 = T if queries == "replicated" else hi
                 x = lat[:, t0:t0 + C]
                 model(x, torch.full((1,), 0.5), K[:, t0:t0 + C], c2w[:, t0:t0 + C], t0, bank, ctx=ctx)
                 rows[queries] = dict(ctx.bytes_moved())
@@ -130,21 +131,38 @@ def _spawn(fn, world, *args):
 #                                     Runs                                      #
 #################################################################################
 
-def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print) -> list[dict]:
-    """Step time of one clip at cp = 1, cp replicated and cp sharded, side by side."""
+def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print, rounds: int = 1) -> list[dict]:
+    """Step time of one clip at cp = 1, cp replicated and cp sharded, side by side.
+
+    With rounds > 1 the three layouts run in turn that many times, so a shared machine's slow spells fall on
+    all of them; each round's ratio to its own cp = 1 is kept, and a layout's ratio is the median of those.
+    """
+    layouts = ((1, "one process"), (cp, "replicated"), (cp, "sharded"), (cp, "shipped"))
+    runs = {q: [] for _, q in layouts}
+    for _ in range(rounds):
+        for world, queries in layouts:
+            runs[queries].append(_spawn(_time_worker, world, to_dict(cfg), clip_frames, queries, steps))
     rows = []
-    for world, queries in ((1, "one process"), (cp, "replicated"), (cp, "sharded")):
-        res = _spawn(_time_worker, world, to_dict(cfg), clip_frames, queries, steps)
-        rows.append({"cp": world, "queries": queries, "chunks": res["chunks"], "loss": res["loss"],
-                     "median_s": statistics.median(res["times"]), "times_s": res["times"],
-                     "median_cpu_s": statistics.median(res["cpu"]), "cpu_s": res["cpu"],
-                     "cpu_per_rank_s": res["cpu_per_rank"]})
+    for world, queries in layouts:
+        got = runs[queries]
+        times = [t for res in got for t in res["times"]]
+        cpus = [c for res in got for c in res["cpu"]]
+        rows.append({"cp": world, "queries": queries, "chunks": got[0]["chunks"], "loss": got[0]["loss"],
+                     "median_s": statistics.median(times), "times_s": times,
+                     "median_cpu_s": statistics.median(cpus), "cpu_s": cpus,
+                     "cpu_per_rank_s": got[0]["cpu_per_rank"],
+                     "round_median_s": [statistics.median(res["times"]) for res in got],
+                     "round_median_cpu_s": [statistics.median(res["cpu"]) for res in got]})
+    base = rows[0]
     for r in rows:
-        r["vs_cp1"] = r["median_s"] / rows[0]["median_s"]
-        r["cpu_vs_cp1"] = r["median_cpu_s"] / rows[0]["median_cpu_s"]
-        log(f"cp={r['cp']} {r['queries']:>11}: {r['median_s']:.2f} s/step wall (x{r['vs_cp1']:.2f} of cp=1), "
-            f"{r['median_cpu_s']:.2f} CPU s/step on the busiest rank (x{r['cpu_vs_cp1']:.2f}), {r['chunks']} target "
-            f"chunks, loss {r['loss']:.5f}, CPU s per rank {' '.join(f'{c:.2f}' for c in r['cpu_per_rank_s'])}")
+        ratios = [a / b for a, b in zip(r["round_median_s"], base["round_median_s"])]
+        cpu_ratios = [a / b for a, b in zip(r["round_median_cpu_s"], base["round_median_cpu_s"])]
+        r["vs_cp1_per_round"], r["cpu_vs_cp1_per_round"] = ratios, cpu_ratios
+        r["vs_cp1"], r["cpu_vs_cp1"] = statistics.median(ratios), statistics.median(cpu_ratios)
+        log(f"cp={r['cp']} {r['queries']:>11}: {r['median_s']:.2f} s/step wall (x{r['vs_cp1']:.2f} of cp=1; rounds "
+            f"{' '.join(f'{x:.2f}' for x in ratios)}), {r['median_cpu_s']:.2f} CPU s/step on the busiest rank "
+            f"(x{r['cpu_vs_cp1']:.2f}), {r['chunks']} target chunks, loss {r['loss']:.5f}, "
+            f"CPU s per rank {' '.join(f'{c:.2f}' for c in r['cpu_per_rank_s'])}")
     return rows
 
 
@@ -167,7 +185,7 @@ def run_sp_bytes(cfg, cps, bank_frames, log=print) -> list[dict]:
                 # every chunk a target (a clip of T + C frames: T / C chunks): a K/V all-gather or ring pass
                 # serves them all once per layer, while the query read moves its bytes for each chunk a rank runs
                 chunks = max(1, T // m.chunk_frames)
-                per_rank = -(-chunks // cp) if queries == "sharded" else chunks
+                per_rank = chunks if queries == "replicated" else -(-chunks // cp)
                 rows.append({"cp": cp, "bank_frames": T, "queries": queries, "bytes_per_layer": total,
                              "kv_allgather_bytes_per_layer": kv_moved, "ring_bytes_per_layer": kv_moved,
                              "fraction_of_kv": total / kv_moved, "by_collective": by,
@@ -182,8 +200,8 @@ def run_sp_bytes(cfg, cps, bank_frames, log=print) -> list[dict]:
     return rows
 
 
-def run_sp_bench(cfg, clip_frames, cps, bank_frames, json_path=None, steps=3, log=print):
-    res = {"time": run_sp_time(cfg, clip_frames, 2, steps, log) if clip_frames else [],
+def run_sp_bench(cfg, clip_frames, cps, bank_frames, json_path=None, steps=3, log=print, rounds=1):
+    res = {"time": run_sp_time(cfg, clip_frames, 2, steps, log, rounds) if clip_frames else [],
            "bytes": run_sp_bytes(cfg, cps, [t for t in bank_frames if t > 0], log) if any(bank_frames) else []}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

@@ -94,7 +94,8 @@ def cmd_bench_cp(args) -> int:
 
 
 def cmd_bench_sp(args) -> int:
-    run_sp_bench(load_run_config(args), args.clip_frames, args.cp, args.bank_frames, args.json, args.steps, log=log)
+    run_sp_bench(load_run_config(args), args.clip_frames, args.cp, args.bank_frames, args.json, args.steps, log=log,
+                 rounds=args.rounds)
     if args.json:
         print(f"wrote {args.json}")
     return 0
@@ -194,6 +195,8 @@ def add_parsers(sub) -> None:
                                       "or ring pass, real processes (gloo).")
     spb.add_argument("--clip-frames", type=int, default=36, help="frames of the timed clip (0: no timing)")
     spb.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    spb.add_argument("--rounds", type=int, default=1,
+                     help="run the three timed layouts in turn this many times (ratios: median over rounds)")
     spb.add_argument("--cp", type=int_list, default=[2, 4], help="cp sizes of the bytes count")
     spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448],
                      help="bank sizes of the bytes count (0: no count)")

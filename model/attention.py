@@ -382,7 +382,10 @@ class DecMemAttention(nn.Module):
         B, H, G, n, d = qg.shape
         k = idx.shape[-1]
         Bs = self.args.block_size
-        fetched = ctx.fetch_blocks(bank, idx, valid, Bs)                             # sharded query stream
+        read = ctx.read_blocks(qg, bank, idx, valid, bias, Bs, self._attend_tokens)  # sharded, queries shipped
+        if read is not None:
+            return read
+        fetched = ctx.fetch_blocks(bank, idx, valid, Bs)                             # sharded, blocks fetched
         if fetched is not None:
             kb, vb, mask = fetched                                                   # [B, H, G, k*B, d], [B, H, G, k*B]
             tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
@@ -403,6 +406,10 @@ class DecMemAttention(nn.Module):
         mask = owned.repeat_interleave(Bs, dim=-1)                                   # [B, H, G, k*B]
         tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
         return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
+
+    def _attend_tokens(self, q, k, v, key_bias=None, key_mask=None):
+        """The layer's kernel on gathered keys: per-token bias and mask over k's tokens -> (out, lse)."""
+        return attend(q, k, v, key_bias=key_bias, key_mask=key_mask, backend=self.args.backend)
 
     def _attend_blocks_flex(self, qg, bank, local, owned, bias):
         """``_attend_blocks`` without the gather: a FlexAttention block mask over the local bank's tokens.

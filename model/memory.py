@@ -109,6 +109,11 @@ class MemoryContext(Protocol):
     def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
         """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb])."""
 
+    def read_blocks(self, qg: torch.Tensor, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor,
+                    bias: torch.Tensor | None, block_size: int, attend_fn):
+        """Query groups qg [B, H, G, n, d] read their selected blocks where those are held: (out, lse) whole here,
+        or None (fetch or read in place). attend_fn(q, k, v, key_bias, key_mask) -> (out, lse) is the layer's kernel."""
+
     def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
         """Selected blocks' tokens brought to this rank (k, v [..., k*B, d], mask [..., k*B]), or None: read in place."""
 
@@ -172,6 +177,10 @@ class LocalMemory:
     def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
         """Pooled queries over every candidate block's pooled K/V (all local here)."""
         return coarse_partial(q_pool, bank, candidates, backend)
+
+    def read_blocks(self, qg, bank, idx, valid, bias, block_size: int, attend_fn):
+        """Every block is local: read in place."""
+        return None
 
     def fetch_blocks(self, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor, block_size: int):
         """Every block is local: read in place."""

@@ -6,6 +6,8 @@ raises if they differ. Used by tests/test_context_parallel.py.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
@@ -16,7 +18,7 @@ from decmem.training.context_parallel import CPMemory, Layout, build_groups
 from decmem.training.distributed import init_loopback_group as init
 from decmem.training.sequence_parallel import SPMemory
 
-CONTEXTS = {"replicated": CPMemory, "sharded": SPMemory}
+CONTEXTS = {"replicated": CPMemory, "sharded": SPMemory, "shipped": partial(SPMemory, read="ship")}
 
 
 def tiny_model(strategy: str, dtype, merge="gate", frame_pos=True, camera="plucker", top_k=3, window=3, seed=0,
@@ -79,7 +81,7 @@ def check_equivalence(rank: int, world: int, port: int, cases: list[dict], cp: i
             ctx = CONTEXTS[queries](cp_group, layout.cp_rank, layout.cp)
             loss, grads, stats = loss_and_grads(model, lat, K, c2w, case["starts"], ctx, **aug)
             name = f"{case} {queries} rank {rank}"
-            if queries == "sharded":
+            if queries in ("sharded", "shipped"):
                 check_own_chunk(model, lat, K, c2w, case["starts"], ctx, layout.cp_rank, tol, name)
             with torch.no_grad():                              # the query stream's output itself, not only the loss
                 t0, C = case["starts"][-1], model.args.chunk_frames

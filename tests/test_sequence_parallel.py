@@ -33,6 +33,13 @@ def test_sharded_queries_match_single_process(world):
     mp.spawn(check_equivalence, args=(world, free_port(), cases, None, "sharded"), nprocs=world, join=True)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_shipped_queries_match_single_process(world):
+    """train.cp_block_read=ship: the query groups travel to the holders of their blocks, (out, lse) come back."""
+    cases = [c for c in CASES if min(c["starts"]) >= world and c["strategy"] in ("decmem", "fov_frames")]
+    mp.spawn(check_equivalence, args=(world, free_port(), cases, None, "shipped"), nprocs=world, join=True)
+
+
 def test_sharded_queries_dp2_x_cp2():
     mp.spawn(check_equivalence, args=(4, free_port(), [CASES[0], CASES[6]], 2, "sharded"), nprocs=4, join=True)
 

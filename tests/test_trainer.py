@@ -74,17 +74,17 @@ def test_layout_equivalence_dp2_vs_cp2(tmp_path, data):
     assert moved > 1e-4, "the step barely moved the weights: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_sharded_queries_match_one_process(tmp_path, data, cp):
+@pytest.mark.parametrize("cp,read", [(2, "fetch"), (4, "fetch"), (4, "ship")])
+def test_sharded_queries_match_one_process(tmp_path, data, cp, read):
     """train.cp_queries=sharded through the real ZeRO-3 engine, 2 samples, 3 chunks: at cp = 2 rank 1 runs an idle
     slot, at cp = 4 rank 3 owns no chunk at all; their module calls and collectives must still match the others'
-    and the step must be one process's."""
+    and the step must be one process's, whether the selected blocks come to the queries or the reverse."""
     s = samples(data, 2)
     both = batch_of(s, [4, 6, 8])                                     # 8 bank frames: 2 per rank at cp = 4
     base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=1", f"data.data={data}", "data.batch_size=2"]
     one = run_world(tmp_path, "one", 1, base, [[[both]]])
-    sharded = run_world(tmp_path, f"cp{cp}", cp, base + [f"train.cp={cp}", "train.cp_queries=sharded"],
-                        [[[both]] * cp])
+    sharded = run_world(tmp_path, f"cp{cp}", cp, base + [f"train.cp={cp}", "train.cp_queries=sharded",
+                                                         f"train.cp_block_read={read}"], [[[both]] * cp])
     assert sharded["losses"][0] == pytest.approx(one["losses"][0], rel=1e-5)
     assert_close_weights(sharded, one, f"sharded cp={cp} vs one process")
 

@@ -201,6 +201,10 @@ class CPMemory:
         """The coarse branch over the local candidates, merged over every rank's (replicated queries)."""
         return self.merge_partials(*coarse_partial(q_pool, bank, candidates, backend))
 
+    def read_blocks(self, qg, bank, idx, valid, bias, block_size: int, attend_fn):
+        """Replicated queries read their local blocks in place (partials merged afterwards)."""
+        return None
+
     def fetch_blocks(self, bank, idx, valid, block_size: int):
         """Replicated queries read their local blocks in place (partials merged afterwards)."""
         return None

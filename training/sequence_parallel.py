@@ -46,6 +46,9 @@ from decmem.training.context_parallel import CPMemory
 #                                  Chunk Layout                                 #
 #################################################################################
 
+BLOCK_READS = ("fetch", "ship")
+
+
 def chunk_range(n_chunks: int, cp: int, cp_rank: int) -> tuple[int, int]:
     """Contiguous chunks [lo, hi) of rank cp_rank: the first n % cp ranks get one more; a rank may get none."""
     base, extra = divmod(n_chunks, cp)
@@ -103,8 +106,11 @@ class _Sink(torch.autograd.Function):
 class SPMemory(CPMemory):
     """Memory context of one rank when both streams are sharded over the cp group (train.cp_queries=sharded)."""
 
-    def __init__(self, group, cp_rank: int, cp_size: int):
+    def __init__(self, group, cp_rank: int, cp_size: int, read: str = "fetch"):
         super().__init__(group, cp_rank, cp_size)
+        if read not in BLOCK_READS:
+            raise ValueError(f"cp_block_read: expected one of {BLOCK_READS}, got {read!r}")
+        self.read = read                                   # fetch: blocks come to the queries; ship: the reverse
         self._pending: list[torch.Tensor] = []             # autograd exchange outputs of this step (for _Sink)
         self._counts: list[int] = []                       # chunks per rank of this step
         self._q_cache = None                               # (pooled queries, candidates, gathered, all candidates)
@@ -234,6 +240,69 @@ class SPMemory(CPMemory):
         return out.to(q_pool.dtype), lse
 
     # ---- fetching K/V -----------------------------------------------------------------
+
+    def read_blocks(self, qg, bank, idx, valid, bias, block_size: int, attend_fn):
+        """read=ship: each query group goes to the ranks holding its selected blocks, with their local indices and
+        retrieval biases; each holder attends it to those blocks and returns (out, lse), merged here.
+
+        qg [B, H, G, n, d], idx/valid/bias [B, H, G, k] -> (out [B, H, G, n, dv], lse [B, H, G, n]). Per (query
+        group, holder) it moves n query tokens out and n outputs back, whatever k and the block size: cheaper
+        than fetching when the group's blocks on a holder outweigh its queries (few, large query groups reading
+        many blocks: the paper's k = 80 blocks of 260 tokens per 260-token query block).
+        4 all-to-alls: row counts, row metadata (no gradient), queries + biases and (out, lse) (with gradient).
+        """
+        if self.read != "ship" or bank is None:
+            return None
+        B, H, G, n, d = qg.shape
+        k, Bs, n_b = idx.shape[-1], block_size, bank.blocks_per_frame
+        dv = bank.v.shape[-1]
+        starts = torch.tensor([lo for lo, _ in self.ranges()], device=idx.device) * n_b
+        holder = torch.searchsorted(starts, idx.contiguous(), right=True) - 1             # [B, H, G, k]
+        on = [valid & (holder == p) for p in range(self.size)]                          # [B, H, G, k] each
+        rows = [o.any(-1).nonzero() for o in on]                                        # [m_p, 3]: (b, h, g)
+        # requests: per row, its (sample, head) and its blocks' indices local to the holder (-1: not there)
+        meta, pay = [], []
+        for p, r in enumerate(rows):
+            b, h, g = r.unbind(-1)
+            li = torch.where(on[p][b, h, g], idx[b, h, g] - starts[p], torch.full_like(idx[b, h, g], -1))
+            meta.append(torch.cat([(b * H + h).unsqueeze(-1), li], -1))                   # [m_p, 1+k]
+            bias_r = bias[b, h, g] if bias is not None else qg.new_zeros(len(b), k)
+            pay.append(torch.cat([qg[b, h, g].reshape(len(b), n * d), bias_r.to(qg.dtype)], -1))  # [m_p, n*d+k]
+        sent = torch.tensor([len(r) for r in rows])
+        recv = self._exchange_nograd(sent, "sp_ship").tolist()                          # rows each rank sends me
+        sent = sent.tolist()
+        m_meta = self._a2a_nograd(torch.cat(meta).reshape(-1), [m * (1 + k) for m in sent],
+                                  [m * (1 + k) for m in recv], "sp_ship").view(-1, 1 + k)
+        m_pay = self._a2a(torch.cat(pay).reshape(-1), [m * (n * d + k) for m in sent],
+                          [m * (n * d + k) for m in recv], "sp_ship").view(-1, n * d + k)
+        # serve: the rows' queries over their blocks in my shard
+        b_in, h_in = (m_meta[:, 0] // H).unsqueeze(-1), (m_meta[:, 0] % H).unsqueeze(-1)   # [m, 1]
+        li = m_meta[:, 1:]
+        ok = li >= 0                                                                      # [m, k]
+        li = torch.where(ok, li, torch.zeros_like(li))                                    # local to my shard
+        kt, vt = bank.k.unflatten(3, (n_b, Bs)), bank.v.unflatten(3, (n_b, Bs))         # [B, H, T_loc, n_b, Bs, d]
+        kb = kt[b_in, h_in, li // n_b, li % n_b].flatten(1, 2)                           # [m, k*Bs, dk]
+        vb = vt[b_in, h_in, li // n_b, li % n_b].flatten(1, 2)                           # [m, k*Bs, dv]
+        tok_bias = m_pay[:, n * d:].repeat_interleave(Bs, dim=-1) if bias is not None else None
+        if len(m_meta):
+            out, lse = attend_fn(m_pay[:, :n * d].view(-1, n, d), kb, vb, tok_bias, ok.repeat_interleave(Bs, dim=-1))
+        else:                                              # nobody reads my blocks (the kernels refuse empty batches)
+            out, lse = m_pay.new_zeros(0, n, dv), m_pay.new_zeros(0, n)
+        work = _wide(qg.dtype)
+        back = torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], -1)                 # [m, n, dv+1]
+        got = self._a2a(back.reshape(-1), [m * n * (dv + 1) for m in recv], [m * n * (dv + 1) for m in sent],
+                        "sp_ship").view(-1, n, dv + 1)                                   # my rows, by holder
+        # merge: one partial per holder, empty (lse -inf) where a group reads nothing there
+        parts, off = [], 0
+        for r in rows:
+            m = len(r)
+            empty = got.new_zeros(B, H, G, n, dv + 1)
+            empty[..., -1] = -math.inf
+            full = empty.index_put((r[:, 0], r[:, 1], r[:, 2]), got[off:off + m])
+            parts.append((full[..., :dv], full[..., -1]))
+            off += m
+        out, lse = merge_lse(parts)
+        return out.to(qg.dtype), lse
 
     def fetch_blocks(self, bank, idx, valid, block_size: int):
         """The selected blocks' tokens, from the ranks holding them: (k, v [B, H, G, k*Bs, d], mask [B, H, G, k*Bs])."""

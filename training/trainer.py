@@ -34,7 +34,7 @@ from decmem.training.distributed import RunFailed, collective_device, init_distr
 from decmem.training.engine import ShardedEMA, build_engine, gather_state_dict
 from decmem.training.faults import maybe_fail, maybe_kill, maybe_nan
 from decmem.training.metrics import MetricLogger
-from decmem.training.sequence_parallel import SPMemory
+from decmem.training.sequence_parallel import BLOCK_READS, SPMemory
 from decmem.training.validate import resolve_precision, validate
 from decmem.training.visuals import add_gif, add_heatmap, retrieval_heatmap, side_by_side_gif, to_rgb_frames
 from decmem.training.weights import save_weights
@@ -53,6 +53,8 @@ class TrainArgs:
     cp_queries: str = "replicated"   # the query stream under cp: replicated (every rank runs every target chunk,
                                      # partial outputs merged) or sharded (each rank runs its own chunks and fetches
                                      # only their selected blocks and windows; training/sequence_parallel.py)
+    cp_block_read: str = "fetch"     # sharded queries: fetch (selected blocks' K/V come to the chunk's owner) or
+                                     # ship (its query blocks go to the blocks' holders, (out, lse) come back)
     zero_stage: int = 3
     precision: str = "auto"          # auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"             # auto | cpu | cuda
@@ -71,6 +73,8 @@ class TrainArgs:
             raise ValueError(f"stop_at: expected >= 0, got {self.stop_at}")
         if self.cp_queries not in CP_QUERIES:
             raise ValueError(f"cp_queries: expected one of {CP_QUERIES}, got {self.cp_queries!r}")
+        if self.cp_block_read not in BLOCK_READS:
+            raise ValueError(f"cp_block_read: expected one of {BLOCK_READS}, got {self.cp_block_read!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in PRECISIONS:
@@ -115,7 +119,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.engine, self.scheduler = build_engine(cfg, world, self.precision)
         cp_group, _ = build_groups(self.layout)
-        ctx_cls = SPMemory if t.cp_queries == "sharded" else CPMemory
+        ctx_cls = functools.partial(SPMemory, read=t.cp_block_read) if t.cp_queries == "sharded" else CPMemory
         self.ctx = ctx_cls(cp_group, self.layout.cp_rank, self.layout.cp) if self.layout.cp > 1 else None
         self.loader = ShardLoader(cfg.data, cfg.model.chunk_frames, self.layout.dp_rank, self.layout.dp)
         self.ema = ShardedEMA(self.engine.module, t.ema) if t.ema > 0 else None
