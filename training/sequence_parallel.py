@@ -20,6 +20,9 @@ rank makes the same module calls and collectives, as ZeRO-3 requires):
                  the ranks holding them; they send back those blocks' K/V: 2 all-to-alls of indices
                  (counts, keys) and one of K/V, bounded by k · B tokens per (query block, head)
   coarse_read    the same holders return (out, lse) of r's pooled queries over their candidates, merged at r
+  read_blocks    with read="ship" (train.cp_block_read) instead of fetch_blocks: each query block goes to
+                 the holders of its selected blocks, which return its (out, lse) over them; bounded by the
+                 chunk's tokens per holder, whatever k and the block size
   window_kv      the ALM window's frames come from the rank that holds them, to the chunk's owner only
   fetch_frames   dense: the whole readable history is fetched (it reads every token; no saving there)
 All-to-alls are variable-size ``all_to_all_single`` (gloo supports it in torch 2.13). Gradients:
