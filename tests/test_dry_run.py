@@ -226,6 +226,12 @@ def test_sharded_queries_split_the_query_stream():
     assert sh["query_tokens"] == rep["query_tokens"] * 2 / 5
     assert sh["query_stream"] < rep["query_stream"] * 2 / 5                    # and no fp32 merge buffer
     assert sh["memory_stream"] == rep["memory_stream"] and sh["bank_kv"] == rep["bank_kv"]
+    # ship: the holders attend the chunks' queries; the worst case holds every chunk's selected K/V of a slot
+    ship = estimate_memory(cfg_for("paper.yaml", "train.activation_checkpointing=false", "train.cp_queries=sharded",
+                                   "train.cp_block_read=ship"), 4, (32, 32))
+    assert sh["cp_block_read"] == "fetch" and ship["cp_block_read"] == "ship"
+    assert sh["query_stream"] < ship["query_stream"] < 4 * sh["query_stream"]
+    assert ship["memory_stream"] == sh["memory_stream"] and ship["query_tokens"] == sh["query_tokens"]
 
 
 def test_dense_attention_costs_more_than_decmem_on_a_long_bank():

@@ -141,6 +141,9 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     # train.cp_queries=sharded: each rank runs its own chunks, as many slots as the busiest rank (an idle slot
     # reruns a chunk with weight 0); replicated: every rank runs every chunk
     sharded = t.cp_queries == "sharded" and layout.cp > 1
+    # cp_block_read=ship: the blocks' holders attend the chunks' query blocks. Worst case, one rank holds every
+    # selected block of the slot's cp chunks and keeps their gathered K/V, received queries and outputs.
+    ship = sharded and t.cp_block_read == "ship"
     local_chunks = -(-chunks // layout.cp) if sharded else chunks
     Tm = Lb * Nf * batch                              # memory-stream tokens per rank
     Tq = C * Nf * batch                               # query-stream tokens per chunk (replicated over cp)
@@ -185,13 +188,14 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         q_tok += 2 * Dp                               # window q, out
         q_chunk += 2 * (W - 1) * Nf * batch * Dp      # the window's K/V
         if s == "decmem":
-            q_tok += 2 * Dp + 2 * att.top_k * Dp + 2 * H * att.top_k
+            served = 2 * att.top_k * Dp + 2 * H * att.top_k  # gathered K/V of the query block's blocks, bias, mask
+            q_tok += 2 * Dp + (layout.cp * (served + 2 * Dp) if ship else served)
             q_tok += 3 * D if att.merge == "gate" else D  # gated products keep their branch outputs
             if att.coarse:
                 q_tok += D                            # the coarse output, copied to each token of its block
         elif s == "fov_frames":
             q_tok += 2 * Dp + D
-            q_chunk += 2 * att.fov_frames * Nf * batch * Dp
+            q_chunk += 2 * att.fov_frames * Nf * batch * Dp * (layout.cp if ship else 1)
         else:                                         # window: ALM only
             q_tok += D
         if math_kernel:
@@ -234,7 +238,7 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         world=world, dp=layout.dp, cp=layout.cp, precision=precision, device=device, n_params=n_params,
         tokens_per_frame=Nf, bank_frames=bank_frames(cfg), local_bank_frames=Lb, target_chunks=chunks,
         memory_tokens=Tm, query_tokens=local_chunks * Tq, local_target_chunks=local_chunks,
-        cp_queries="sharded" if sharded else "replicated",
+        cp_queries="sharded" if sharded else "replicated", cp_block_read=t.cp_block_read if sharded else None,
     )
     return out
 
@@ -340,7 +344,8 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         f"  per cp rank: {mem['local_bank_frames']} frames max"
         + (f", shards {' '.join(f'[{lo},{hi})' for lo, hi in shards)}" if layout.cp > 1 and shards else "")
         + f"  = {mem['memory_tokens']:,} memory-stream tokens; query stream {mem['query_tokens']:,} tokens "
-        + (f"({mem['local_target_chunks']} of {mem['target_chunks']} chunks: train.cp_queries=sharded)"
+        + (f"({mem['local_target_chunks']} of {mem['target_chunks']} chunks: train.cp_queries=sharded, "
+           f"blocks read by {mem['cp_block_read']})"
            if mem["cp_queries"] == "sharded" else "(replicated)"),
         f"memory estimate per rank ({precision}, micro-batch {d.batch_size}, worst case: the whole bank read)",
     ]
