@@ -40,8 +40,9 @@ def test_shipped_queries_match_single_process(world):
     mp.spawn(check_equivalence, args=(world, free_port(), cases, None, "shipped"), nprocs=world, join=True)
 
 
-def test_sharded_queries_dp2_x_cp2():
-    mp.spawn(check_equivalence, args=(4, free_port(), [CASES[0], CASES[6]], 2, "sharded"), nprocs=4, join=True)
+@pytest.mark.parametrize("queries", ["sharded", "shipped"])
+def test_sharded_queries_dp2_x_cp2(queries):
+    mp.spawn(check_equivalence, args=(4, free_port(), [CASES[0], CASES[6]], 2, queries), nprocs=4, join=True)
 
 
 def test_chunk_ranges_are_contiguous_and_balanced():
