@@ -60,7 +60,7 @@ def test_cp_scalars_log_bytes_per_layer_and_imbalance():
 
 
 def test_bench_sp_runs_both_layouts_on_the_same_loss(tmp_path):
-    """`decmem bench sp` on a tiny model: the three timed layouts compute the same loss; bytes come per collective."""
+    """`decmem bench sp` on a tiny model: the four timed layouts compute the same loss; bytes come per collective."""
     from decmem.bench.sp import run_sp_bench
     from decmem.training.config import load_config
     from decmem.training.run_config import RunConfig
@@ -69,8 +69,10 @@ def test_bench_sp_runs_both_layouts_on_the_same_loss(tmp_path):
                                         "model.attention.block_size=4", "model.chunk_frames=2"])
     res = run_sp_bench(cfg, 8, [2], [8], str(tmp_path / "sp.json"), steps=1, log=lambda *a: None)
     losses = [r["loss"] for r in res["time"]]
-    assert [r["queries"] for r in res["time"]] == ["one process", "replicated", "sharded"]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    assert [r["queries"] for r in res["time"]] == ["one process", "replicated", "sharded", "shipped"]
+    assert all(x == pytest.approx(losses[0], rel=1e-5) for x in losses[1:])
+    shipped = next(r for r in res["bytes"] if r["queries"] == "shipped")
+    assert shipped["by_collective"]["sp_ship"] > 0 and "sp_kv" not in shipped["by_collective"]
     sharded = next(r for r in res["bytes"] if r["queries"] == "sharded")
     assert sharded["by_collective"]["sp_kv"] > 0 and sharded["every_chunk_chunks_per_rank"] == 2
     # each rank's chunk sits at the end of its bank range: rank 0's candidates are all its own, so only rank 1's
