@@ -2,7 +2,7 @@
 
 Two measurements, real processes over gloo:
   time   one clip, every chunk after the first C frames a target: forward + backward of the training
-         loss (plain autograd, no optimizer) at cp = 1, cp replicated and cp sharded, one thread per
+         loss (plain autograd, no optimizer) at cp = 1, cp replicated and cp sharded (fetch, ship), one thread per
          process, median over steps after a warm-up, all in one run: wall time, and the busiest rank's
          CPU time (its work; on a shared machine wall time also counts what other jobs take).
   bytes  one chunk per rank at the end of its own bank range (where the sharded layout puts it), per
@@ -132,9 +132,9 @@ def _spawn(fn, world, *args):
 #################################################################################
 
 def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print, rounds: int = 1) -> list[dict]:
-    """Step time of one clip at cp = 1, cp replicated and cp sharded, side by side.
+    """Step time of one clip at cp = 1, cp replicated, cp sharded (fetch) and cp sharded (ship), side by side.
 
-    With rounds > 1 the three layouts run in turn that many times, so a shared machine's slow spells fall on
+    With rounds > 1 the layouts run in turn that many times, so a shared machine's slow spells fall on
     all of them; each round's ratio to its own cp = 1 is kept, and a layout's ratio is the median of those.
     """
     layouts = ((1, "one process"), (cp, "replicated"), (cp, "sharded"), (cp, "shipped"))
@@ -150,7 +150,7 @@ def run_sp_time(cfg, clip_frames: int, cp: int = 2, steps: int = 3, log=print, r
         rows.append({"cp": world, "queries": queries, "chunks": got[0]["chunks"], "loss": got[0]["loss"],
                      "median_s": statistics.median(times), "times_s": times,
                      "median_cpu_s": statistics.median(cpus), "cpu_s": cpus,
-                     "cpu_per_rank_s": got[0]["cpu_per_rank"],
+                     "cpu_per_rank_s": [statistics.median(c) for c in zip(*(res["cpu_per_rank"] for res in got))],
                      "round_median_s": [statistics.median(res["times"]) for res in got],
                      "round_median_cpu_s": [statistics.median(res["cpu"]) for res in got]})
     base = rows[0]

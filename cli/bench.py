@@ -196,7 +196,7 @@ def add_parsers(sub) -> None:
     spb.add_argument("--clip-frames", type=int, default=36, help="frames of the timed clip (0: no timing)")
     spb.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     spb.add_argument("--rounds", type=int, default=1,
-                     help="run the three timed layouts in turn this many times (ratios: median over rounds)")
+                     help="run the timed layouts in turn this many times (ratios: median over rounds)")
     spb.add_argument("--cp", type=int_list, default=[2, 4], help="cp sizes of the bytes count")
     spb.add_argument("--bank-frames", type=int_list, default=[56, 224, 448],
                      help="bank sizes of the bytes count (0: no count)")

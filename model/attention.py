@@ -389,7 +389,7 @@ class DecMemAttention(nn.Module):
         if fetched is not None:
             kb, vb, mask = fetched                                                   # [B, H, G, k*B, d], [B, H, G, k*B]
             tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
-            return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
+            return self._attend_tokens(qg, kb, vb, tok_bias, mask)
         if bank is None or bank.local_frames == 0:
             kk = qg.new_zeros(B, H, G, k * Bs, d)
             return attend(qg, kk, kk, key_mask=torch.zeros(B, H, G, k * Bs, dtype=torch.bool, device=qg.device),
@@ -405,7 +405,7 @@ class DecMemAttention(nn.Module):
         vb = _gather_blocks(bank.v, local, Bs)
         mask = owned.repeat_interleave(Bs, dim=-1)                                   # [B, H, G, k*B]
         tok_bias = bias.repeat_interleave(Bs, dim=-1) if bias is not None else None
-        return attend(qg, kb, vb, key_bias=tok_bias, key_mask=mask, backend=self.args.backend)
+        return self._attend_tokens(qg, kb, vb, tok_bias, mask)
 
     def _attend_tokens(self, q, k, v, key_bias=None, key_mask=None):
         """The layer's kernel on gathered keys: per-token bias and mask over k's tokens -> (out, lse)."""

@@ -76,6 +76,11 @@ def shard_range(n_frames: int, cp: int, cp_rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if cp_rank < extra else 0)
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What partial outputs, scores and block indices travel and merge in: fp64 for fp64 tensors, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def cp_scalars(moved: dict, load: dict, micro_batches: int, depth: int) -> dict[str, float]:
     """Per-step logging: bytes per layer (per micro-batch) moved by each collective, and the ranks' imbalance.
 
@@ -229,7 +234,7 @@ class CPMemory:
     def merge_partials(self, out, lse):
         """Log-sum-exp merge of partial attentions across the group, in fp32; (0, -inf) rows stay empty."""
         dtype = out.dtype
-        work = torch.float64 if dtype == torch.float64 else torch.float32
+        work = wide_dtype(dtype)
         m = lse.detach().to(work).clone()
         m = torch.where(torch.isfinite(m), m, torch.full_like(m, -1e30))
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)                    # any constant works: not diffed

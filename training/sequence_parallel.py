@@ -43,7 +43,7 @@ import torch.distributed as dist
 from decmem.model.kernels import merge_lse
 from decmem.model.memory import block_scores, coarse_partial, pooled_candidates
 from decmem.model.retrieval import topk_blocks
-from decmem.training.context_parallel import CPMemory
+from decmem.training.context_parallel import CPMemory, wide_dtype
 
 #################################################################################
 #                                  Chunk Layout                                 #
@@ -59,9 +59,14 @@ def chunk_range(n_chunks: int, cp: int, cp_rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if cp_rank < extra else 0)
 
 
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 tensors: what a packed exchange of scores (and block indices) travels in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _local_blocks(bank, b, h, blk, block_size: int):
+    """K and V of local blocks blk of (sample b, head h), index tensors of one shape S -> ([*S, Bs, dk], [*S, Bs, dv]).
+
+    A block is Bs consecutive tokens of one frame, so a view splits the bank's token axis into blocks.
+    """
+    n_b = bank.blocks_per_frame
+    kt, vt = bank.k.unflatten(3, (n_b, block_size)), bank.v.unflatten(3, (n_b, block_size))  # [B, H, T, n_b, Bs, d]
+    return kt[b, h, blk // n_b, blk % n_b], vt[b, h, blk // n_b, blk % n_b]
 
 
 #################################################################################
@@ -116,7 +121,7 @@ class SPMemory(CPMemory):
         self.read = read                                   # fetch: blocks come to the queries; ship: the reverse
         self._pending: list[torch.Tensor] = []             # autograd exchange outputs of this step (for _Sink)
         self._counts: list[int] = []                       # chunks per rank of this step
-        self._q_cache = None                               # (pooled queries, candidates, gathered, all candidates)
+        self._q_cache = None                               # (pooled queries, candidates, what _queries returned)
         self._win_asks = None                              # every rank's raw (lo, hi) of this layer's window_kv
 
     # ---- chunks ---------------------------------------------------------------------
@@ -175,7 +180,7 @@ class SPMemory(CPMemory):
         """
         hit = self._q_cache
         if hit is not None and hit[0] is q_pool and hit[1] == candidates:
-            return hit[2], hit[3]
+            return hit[2:]
         if self._win_asks is not None:
             olds = [min(lo, hi) for lo, hi in self._win_asks]
             if olds[self.rank] != candidates:
@@ -189,8 +194,8 @@ class SPMemory(CPMemory):
                         [n if me in holders[r] else 0 for r in range(self.size)], "sp_queries")
         readers = [r for r in range(self.size) if me in holders[r]]                       # chunks I score, rank order
         qs = dict(zip(readers, got.view(len(readers), *q_pool.shape).unbind(0)))
-        self._q_cache, self._win_asks = (q_pool, candidates, (qs, olds), holders), None
-        return (qs, olds), holders
+        self._q_cache, self._win_asks = (q_pool, candidates, qs, olds, holders), None
+        return qs, olds, holders
 
     def _holders(self, olds: list[int]) -> list[list[int]]:
         """For each rank r, the ranks holding frames older than olds[r] (its chunk's candidates), plus r itself."""
@@ -214,13 +219,13 @@ class SPMemory(CPMemory):
         lo = self.ranges()[self.rank][0] if self.total else 0
         if self.total * n_b >= 2 ** 24:                    # indices travel as fp32 next to the scores
             raise ValueError(f"{self.total * n_b} bank blocks: block indices above 2^24 are not exact in fp32")
-        (qs, olds), holders = self._queries(q_pool, candidates)
+        qs, olds, holders = self._queries(q_pool, candidates)
         pairs = {}
         for r, q_r in qs.items():                          # rank r's chunk against my candidates
             s = block_scores(q_r, pooled_candidates(bank, olds[r]))                     # [B, H, n_qb, n_r]
             l_idx, l_valid = topk_blocks(s, k)                                          # [B, H, n_qb, k]
             l_sel = s.gather(-1, l_idx) if s.shape[-1] else s.new_zeros(l_idx.shape)
-            l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)).to(_wide(s.dtype))
+            l_sel = torch.where(l_valid, l_sel, torch.full_like(l_sel, -math.inf)).to(wide_dtype(s.dtype))
             g_idx = torch.where(l_valid, l_idx + lo * n_b, torch.zeros_like(l_idx)).to(l_sel.dtype)
             pairs[r] = torch.cat([l_sel, g_idx], dim=-1)                                 # [B, H, n_qb, 2k]
         got = self._to_owners(pairs, holders, "sp_scores")                               # [n_holders, B, H, n_qb, 2k]
@@ -232,8 +237,8 @@ class SPMemory(CPMemory):
 
     def coarse_read(self, q_pool, bank, candidates: int, backend: str):
         """The partials of this chunk's pooled queries over each holder's candidates, merged here."""
-        (qs, olds), holders = self._queries(q_pool, candidates)
-        work = _wide(q_pool.dtype)
+        qs, olds, holders = self._queries(q_pool, candidates)
+        work = wide_dtype(q_pool.dtype)
         parts = {}
         for r, q_r in qs.items():
             o, lse = coarse_partial(q_r, bank, olds[r], backend)                         # [B, H, n_qb, d], [B, H, n_qb]
@@ -283,15 +288,13 @@ class SPMemory(CPMemory):
         li = m_meta[:, 1:]
         ok = li >= 0                                                                      # [m, k]
         li = torch.where(ok, li, torch.zeros_like(li))                                    # local to my shard
-        kt, vt = bank.k.unflatten(3, (n_b, Bs)), bank.v.unflatten(3, (n_b, Bs))         # [B, H, T_loc, n_b, Bs, d]
-        kb = kt[b_in, h_in, li // n_b, li % n_b].flatten(1, 2)                           # [m, k*Bs, dk]
-        vb = vt[b_in, h_in, li // n_b, li % n_b].flatten(1, 2)                           # [m, k*Bs, dv]
+        kb, vb = (x.flatten(1, 2) for x in _local_blocks(bank, b_in, h_in, li, Bs))     # [m, k*Bs, dk], [m, k*Bs, dv]
         tok_bias = m_pay[:, n * d:].repeat_interleave(Bs, dim=-1) if bias is not None else None
         if len(m_meta):
             out, lse = attend_fn(m_pay[:, :n * d].view(-1, n, d), kb, vb, tok_bias, ok.repeat_interleave(Bs, dim=-1))
         else:                                              # nobody reads my blocks (the kernels refuse empty batches)
             out, lse = m_pay.new_zeros(0, n, dv), m_pay.new_zeros(0, n)
-        work = _wide(qg.dtype)
+        work = wide_dtype(qg.dtype)
         back = torch.cat([out.to(work), lse.to(work).unsqueeze(-1)], -1)                 # [m, n, dv+1]
         got = self._a2a(back.reshape(-1), [m * n * (dv + 1) for m in recv], [m * n * (dv + 1) for m in sent],
                         "sp_ship").view(-1, n, dv + 1)                                   # my rows, by holder
@@ -328,11 +331,9 @@ class SPMemory(CPMemory):
         asked = self._exchange_nograd(want, "sp_requests")                               # [cp] blocks each asks of me
         want, asked = want.tolist(), asked.tolist()
         req = self._a2a_nograd(uniq[order], want, asked, "sp_requests")                  # keys asked of me
-        # serve: whole blocks of my shard; a block is Bs consecutive tokens of one frame, so a view splits them out
-        lo_blk = bank.frame_offset * n_b
-        b, h, blk = req // n_all // H, req // n_all % H, req % n_all - lo_blk                # [n_req] each
-        kt, vt = bank.k.unflatten(3, (n_b, Bs)), bank.v.unflatten(3, (n_b, Bs))        # [B, H, T_loc, n_b, Bs, d]
-        pay = torch.cat([kt[b, h, blk // n_b, blk % n_b], vt[b, h, blk // n_b, blk % n_b]], dim=-1)  # [n_req, Bs, dk+dv]
+        # serve: whole blocks of my shard
+        b, h, blk = req // n_all // H, req // n_all % H, req % n_all - bank.frame_offset * n_b  # [n_req] each
+        pay = torch.cat(_local_blocks(bank, b, h, blk, Bs), dim=-1)                      # [n_req, Bs, dk+dv]
         got = self._a2a(pay.reshape(-1), [n * Bs * (dk + dv) for n in asked], [n * Bs * (dk + dv) for n in want],
                         "sp_kv").view(-1, Bs, dk + dv)                                   # [n_uniq, Bs, dk+dv], by owner
         # one gather per K and V straight into [B, H, G, k*Bs, d]; an invalid slot reads a zero row (masked anyway)
