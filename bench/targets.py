@@ -122,28 +122,53 @@ def targets_data(rows: list[dict]) -> list[dict]:
     return out
 
 
+ESTIMATE_BAND = (0.5, 1.0)   # live tensors' peak / the dry run's estimate: the estimate is a worst case, so it must
+                             # bound the peak, and stay within 2x of it to be of use when choosing a layout
+
+
 def targets_train(rows: list[dict], sparse: str = "decmem", dense: str = "dense") -> list[dict]:
-    """sparse fits a >= 4x longer bank than dense under the same step-memory budget (None when the search can't tell)."""
+    """The dry run's step-memory estimate against the measured step working set (issue #19: the estimate is what
+    decides which paper-scale layouts fit 80 GB), then the fit ratio of issue #9 (sparse fits a >= 4x longer bank
+    than dense under the same budget; None when the search can't tell)."""
+    return [_target_estimate(rows), _target_fit(rows, sparse, dense)]
+
+
+def _target_estimate(rows: list[dict]) -> dict:
+    lo, hi = ESTIMATE_BAND
+    name = f"train: live tensors' peak / dry-run estimate in [{lo:g}, {hi:g}] at every point"
+    pts = [r for r in rows if r.get("kind") == "point" and r.get("status") == "ok" and r.get("live_peak_mb")
+           and r.get("est_step_mb")]
+    if not pts:
+        return target(name, "no point carries the dry run's estimate and the live tensors' peak", None, None)
+    ratios = [r["live_peak_mb"] / r["est_step_mb"] for r in pts]
+    desc = ", ".join(f"{r['strategy']}@{r['bank_frames']} {q:.2f} (RSS {r['step_rss_mb'] / r['est_step_mb']:.2f})"
+                     for r, q in zip(pts, ratios))
+    worst = max(ratios, key=lambda q: max(q / hi, lo / q))
+    return target(name, desc + (" (activation checkpointing)" if pts[0].get("activation_checkpointing") else ""),
+                  worst, all(lo <= q <= hi for q in ratios))
+
+
+def _target_fit(rows: list[dict], sparse: str, dense: str) -> dict:
     name = f"train: {sparse} fits a >= 4x longer bank than {dense} in the same memory"
     fits = {r["strategy"]: r for r in rows if r.get("kind") == "fit"}
     if sparse not in fits or dense not in fits:
-        return [target(name, f"no memory-fit search for both {sparse} and {dense}", None, None)]
+        return target(name, f"no memory-fit search for both {sparse} and {dense}", None, None)
     a, b = fits[sparse], fits[dense]
     la, lb = a["longest_fit_frames"], b["longest_fit_frames"]
     desc = (f"longest bank under {a['memory_budget_gb']:g} GiB: {sparse} "
             f"{'none' if la is None else ('> ' if a['capped'] else '') + str(la)}, {dense} "
             f"{'none' if lb is None else ('> ' if b['capped'] else '') + str(lb)} frames")
     if la is None:         # sparse fits nothing: not met if dense fits something, unknown if neither does
-        return [target(name, desc, 0.0 if lb is not None else None, False if lb is not None else None)]
+        return target(name, desc, 0.0 if lb is not None else None, False if lb is not None else None)
     if lb is None:         # dense fits nothing below the search start: the ratio is > la / start
         bound = la / b["search_start"]
-        return [target(name, desc + f"; ratio > {bound:.3g}", None, True if bound >= 4 else None)]
+        return target(name, desc + f"; ratio > {bound:.3g}", None, True if bound >= 4 else None)
     ratio = la / lb
     if b["capped"]:        # both hit the cap: no information
-        return [target(name, desc + "; both reached the cap, raise --cap", ratio, None)]
+        return target(name, desc + "; both reached the cap, raise --cap", ratio, None)
     if a["capped"]:        # a lower bound: conclusive only if already >= 4
-        return [target(name, desc + "; ratio is a lower bound", ratio, True if ratio >= 4 else None)]
-    return [target(name, desc, ratio, ratio >= 4)]
+        return target(name, desc + "; ratio is a lower bound", ratio, True if ratio >= 4 else None)
+    return target(name, desc, ratio, ratio >= 4)
 
 
 def format_targets(targets: list[dict]) -> str:

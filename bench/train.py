@@ -13,7 +13,10 @@ reads it. After warm-up steps, full training steps are timed: forward
 Memory: the peak resident set (``VmHWM``) is reset right before the first step
 and read after the last, and the RSS measured just before the first step is
 subtracted: the difference is the step's own working set ("step MB"), which the
-memory budget is compared with. ``ru_maxrss`` is not used because a spawned
+memory budget is compared with. Timed points also run one untimed step under
+``LiveTensorPeak`` (the peak of live tensor bytes, whatever the allocator keeps)
+and carry ``decmem train --dry-run``'s estimate of the same step, so the
+estimate is checked against both. ``ru_maxrss`` is not used because a spawned
 child inherits its parent's peak through ``exec`` on Linux (measured: an 800 MB
 parent gives an 800 MB ``ru_maxrss`` to a 15 MB child).
 
@@ -39,6 +42,7 @@ import time
 import torch
 
 from decmem.bench.common import (
+    LiveTensorPeak,
     add_ratio,
     current_rss_mb,
     orbit_cameras,
@@ -51,6 +55,7 @@ from decmem.model.camera import relative_poses
 from decmem.model.diffusion import rectified_flow_loss
 from decmem.model.factory import build_model
 from decmem.training.config import dump_config
+from decmem.training.dry_run import estimate_memory
 from decmem.training.engine import apply_activation_checkpointing
 from decmem.training.optim import build_optimizer
 
@@ -90,6 +95,21 @@ class _Watchdog:
 #################################################################################
 #                               One point (child)                               #
 #################################################################################
+
+def estimate_step(cfg, strategy: str, bank_frames: int, batch: int) -> dict:
+    """``decmem train --dry-run``'s estimate of this point's step working set, MiB: what a step adds to the RSS
+    measured before it (gradients, AdamW's m and v, the bank's K/V, saved activations, one block's backward
+    workspace) for the same model, bank, chunk and batch on one process in fp32 (the bench's plain torch step)."""
+    C = cfg.model.chunk_frames
+    est_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention=dataclasses.replace(cfg.model.attention, strategy=strategy)),
+        data=dataclasses.replace(cfg.data, clip_frames=bank_frames + C, min_context=bank_frames, target_chunks=1,
+                                 batch_size=batch),
+        train=dataclasses.replace(cfg.train, cp=1, zero_stage=0, precision="fp32", device="cpu", ema=0.0))
+    est = estimate_memory(est_cfg, 1, (cfg.bench_generate.latent_h, cfg.bench_generate.latent_w))
+    parts = ("grads", "optimizer", "bank_kv", "activations", "workspace")
+    return {"est_step_mb": sum(est[k] for k in parts) / 2**20, **{f"est_{k}_mb": est[k] / 2**20 for k in parts}}
+
 
 def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> None:
     """Runs in a fresh process: build, warm up, time full training steps, write the row to out_path."""
@@ -143,6 +163,10 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         if watchdog:
             watchdog.__exit__()
     peak = peak_rss_mb()
+    live = LiveTensorPeak()                      # timed points: one more, untimed step for the live tensors' peak
+    if not budget:
+        with live:
+            step()
     step_s = statistics.median(times)
     row.update({
         "status": "ok" if not budget or peak - rss_before <= budget else "over_budget",
@@ -155,7 +179,12 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         "n_heads": args.n_heads, "params": sum(p.numel() for p in params), "latent_hw": [h, w],
         "block_size": args.attention.block_size, "top_k": args.attention.top_k, "window": args.attention.window,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
+        **estimate_step(cfg, strategy, L, batch),
     })
+    row["measured_vs_estimate"] = row["step_rss_mb"] / row["est_step_mb"]
+    if not budget:
+        row["live_peak_mb"] = live.peak_mb
+        row["live_vs_estimate"] = live.peak_mb / row["est_step_mb"]
     write_json(out_path, row)
 
 
@@ -346,11 +375,19 @@ def fit_ratio(rows, sparse: str = "decmem", dense: str = "dense") -> float | Non
     return math.inf if lb is None else la / lb
 
 
+def _est(r: dict) -> str:
+    """Live tensors' peak, the dry run's step estimate and their ratio: three table cells ("-" where not measured)."""
+    live = f"{r['live_peak_mb']:.0f}" if r.get("live_peak_mb") is not None else "-"
+    est = f"{r['est_step_mb']:.0f}" if r.get("est_step_mb") is not None else "-"
+    ratio = f"{r['live_vs_estimate']:.2f}" if r.get("live_vs_estimate") is not None else "-"
+    return f"{live} | {est} | {ratio}"
+
+
 def format_table(rows) -> str:
     """Markdown: the timed points (and search points), then the longest bank per strategy."""
     lines = ["| strategy | bank frames | bank tokens | attended tokens | step s | train tokens/s | this / dense "
-             "| step MB | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step MB | live tensors MB | estimate MB | live / estimate | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("kind") not in ("point", "search"):
             continue
@@ -358,12 +395,13 @@ def format_table(rows) -> str:
         if r.get("status") != "ok":
             step = f"{r['step_rss_mb']:.0f}" if r.get("step_rss_mb") is not None else "-"
             lines.append(f"| {name} | {r['bank_frames']} | {r.get('bank_tokens', '-')} | - | {r['status']} | - | - "
-                         f"| {step} | - |")
+                         f"| {step} | - | - | - | - |")
             continue
         ratio = f"{r['vs_dense']:.2f}x" if r.get("vs_dense") else "-"
         att = r["attended_tokens"] if r.get("attended_tokens") is not None else "-"
         lines.append(f"| {name} | {r['bank_frames']} | {r['bank_tokens']} | {att} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {ratio} | {r['step_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['tokens_per_s']:.0f} | {ratio} | {r['step_rss_mb']:.0f} | {_est(r)} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     fits = [r for r in rows if r.get("kind") == "fit"]
     if fits:
         lines += ["", "| strategy | budget GiB (step) | longest bank frames | first miss | step MB at longest "

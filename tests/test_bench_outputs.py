@@ -115,7 +115,8 @@ def test_train_outputs(tmp_path):
     path = tmp_path / "train.json"
     out = run_cli(["bench", "train", "--bank-frames", "8", "--steps", "1", "--warmup", "0", "--cap", "16",
                    "--memory-gb", "8", "--json", str(path), *TINY])
-    rows, (t,) = check_outputs(path, out, ["train: decmem fits"])
+    rows, (est, t) = check_outputs(path, out, ["train: live tensors' peak", "train: decmem fits"])
+    assert est["ratio"] is not None and est["met"] is not None           # every point carries the dry run's estimate
     fits = {x["strategy"]: x for x in rows if x["kind"] == "fit"}
     assert fits["decmem"]["capped"] and fits["dense"]["capped"]
     assert t["ratio"] == pytest.approx(fits["decmem"]["longest_fit_frames"] / fits["dense"]["longest_fit_frames"])
@@ -200,13 +201,30 @@ def fit(strategy, longest, capped=False, start=16):
     (fit("decmem", 128), fit("dense", None), True, None),                  # dense fits nothing: ratio > 128 / 16
 ])
 def test_targets_train(sparse, dense, met, ratio):
-    (t,) = targets_train([{"kind": "point", "strategy": "decmem", "bank_frames": 16}, sparse, dense])
+    _, t = targets_train([{"kind": "point", "strategy": "decmem", "bank_frames": 16}, sparse, dense])
     assert t["met"] is met and (t["ratio"] == pytest.approx(ratio) if ratio is not None else t["ratio"] is None)
 
 
 def test_targets_train_without_search():
-    (t,) = targets_train([{"kind": "point", "strategy": "decmem", "bank_frames": 16, "status": "ok"}])
+    est, t = targets_train([{"kind": "point", "strategy": "decmem", "bank_frames": 16, "status": "ok"}])
     assert t["met"] is None and t["ratio"] is None
+    assert est["met"] is None and "estimate" in est["measured"]     # a row from before the estimate: unknown
+
+
+def _point(strategy, L, live, estimated):
+    return {"kind": "point", "strategy": strategy, "bank_frames": L, "status": "ok", "live_peak_mb": live,
+            "step_rss_mb": 1.5 * live, "est_step_mb": estimated}
+
+
+@pytest.mark.parametrize("points, met, worst", [
+    ([_point("decmem", 16, 90, 100), _point("dense", 16, 75, 100)], True, 0.9),
+    ([_point("decmem", 16, 90, 100), _point("dense", 64, 104, 100)], False, 1.04),   # understated by 4%
+    ([_point("decmem", 16, 40, 100), _point("dense", 64, 95, 100)], False, 0.40),    # overstated by 2.5x
+])
+def test_targets_train_checks_the_dry_run_estimate(points, met, worst):
+    """Every point's live tensor peak / estimated step memory must lie in the band; the worst point is the ratio."""
+    est, _ = targets_train(points)
+    assert est["met"] is met and est["ratio"] == pytest.approx(worst)
 
 
 def test_format_targets():

@@ -3,7 +3,9 @@ import json
 import math
 
 import pytest
+import torch
 
+from decmem.bench.common import LiveTensorPeak
 from decmem.bench.train import fit_ratio, fit_search, format_table, run_point, run_train_bench
 from decmem.training.config import load_config
 from decmem.training.run_config import RunConfig
@@ -36,6 +38,13 @@ def test_points_and_fit_nothing(cfg, tmp_path):
         assert r["tokens_per_frame"] == Nf and r["bank_tokens"] == 16 * Nf
         assert r["tokens_per_s"] == pytest.approx((16 + 2) * Nf / r["step_s"])
         assert 0 < r["step_rss_mb"] < r["peak_rss_mb"]
+        # the dry run's estimate of the same step rides along: fp32 gradients and AdamW's m, v of these
+        # parameters, plus the bank, activations and workspace, and the measured / estimated ratio
+        assert r["est_grads_mb"] == pytest.approx(4 * r["params"] / 2**20, rel=1e-6)
+        assert r["est_optimizer_mb"] == pytest.approx(8 * r["params"] / 2**20, rel=1e-6)
+        assert r["est_activations_mb"] > 0 and r["est_bank_kv_mb"] > 0
+        assert r["measured_vs_estimate"] == pytest.approx(r["step_rss_mb"] / r["est_step_mb"])
+        assert 0 < r["live_peak_mb"] and r["live_vs_estimate"] == pytest.approx(r["live_peak_mb"] / r["est_step_mb"])
     # decmem reads top-k blocks + window + chunk; dense reads the whole bank + chunk
     assert points["decmem"]["attended_tokens"] == 2 * 4 + 1 * 16 + 2 * 16
     assert points["dense"]["attended_tokens"] == 16 * 16 + 2 * 16
@@ -48,6 +57,22 @@ def test_points_and_fit_nothing(cfg, tmp_path):
     assert len(saved) == len(rows) and all("machine" in r for r in saved)
     table = format_table(rows)
     assert "| decmem | 16 | 256 | 56 |" in table and "none (< 16)" in table
+
+
+def test_live_tensor_peak_counts_storages_alive_together():
+    """Storages alive together are summed (torch.ones' 2 MiB is alive while the add makes its 2 MiB: 5 MiB),
+    a view is free, freed storages leave the count, and a tensor made before the mode is not counted."""
+    before = torch.ones(1 << 20)
+    with LiveTensorPeak() as live:
+        a = torch.zeros(1 << 18)                       # 1 MiB of fp32
+        b = torch.ones(1 << 19) + 1.0                  # 2 MiB (torch.ones' own 2 MiB is freed after the add)
+        view = b[:10].view(2, 5)                       # shares b's storage
+        assert live.bytes == 3 << 20
+        del a, b, view
+        c = before * 2                                 # 4 MiB, but a, b are gone
+        assert live.bytes == 4 << 20
+        del c
+    assert live.peak == (1 + 2 + 2) << 20 and live.bytes == 0
 
 
 def test_point_over_budget_is_stopped(cfg):

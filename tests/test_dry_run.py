@@ -14,7 +14,7 @@ from decmem.data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_k
 from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
 from decmem.model.dit import VideoDiT
 from decmem.training.config import load_config
-from decmem.training.dry_run import count_parameters, estimate_memory, format_bytes, run_dry_run
+from decmem.training.dry_run import count_parameters, estimate_memory, format_bytes, layout_table, run_dry_run
 from decmem.training.run_config import RunConfig
 from decmem.training.validate import check_data, validate
 
@@ -216,6 +216,25 @@ def test_cp_splits_the_bank_and_checkpointing_keeps_block_inputs():
     # block inputs: depth x (memory + query tokens) x dim x 2 bytes
     assert ckpt["block_inputs"] == 16 * (60 * 256 + 5 * 4 * 256) * 1024 * 2
 
+
+# issue #19's training-memory target: a 221-frame memory (56 latents of 1560 tokens: 480x832 video through the Wan
+# VAE) trains at the B size within 80 GB per GPU at cp <= 4. The paper's block geometry: 6 blocks of 260 tokens per
+# frame, k = 80, ALM window 8, chunks of 4, two target chunks after the 56-latent bank.
+PAPER_1560 = ("model.latent_channels=16", "data.clip_frames=64", "data.min_context=56", "data.target_chunks=2",
+              "model.attention.block_size=260", "model.attention.top_k=80", "model.attention.window=8")
+
+
+def test_b_size_trains_a_56_latent_1560_token_memory_in_80gb_by_recomputing():
+    """With activation checkpointing (recompute each block in backward) every cp <= 4 fits 80 GiB; without it none
+    does: the query stream's gathered top-k K/V (80 blocks x 260 tokens per query block) alone is tens of GiB."""
+    on = layout_table(cfg_for("paper.yaml", *PAPER_1560, "train.activation_checkpointing=true"), 8, (60, 104))
+    off = layout_table(cfg_for("paper.yaml", *PAPER_1560, "train.activation_checkpointing=false"), 8, (60, 104))
+    assert [r["cp"] for r in on] == [1, 2, 4, 8]
+    assert all(r["fits"] for r in on if r["cp"] <= 4), on
+    assert not any(r["fits"] for r in off), off
+    est = estimate_memory(cfg_for("paper.yaml", *PAPER_1560, "train.activation_checkpointing=false"), 8, (60, 104))
+    assert est["tokens_per_frame"] == 1560 and est["local_bank_frames"] == 15         # 60 bank frames / cp 4
+    assert est["query_stream"] > 3 * est["memory_stream"]
 
 def test_sharded_queries_split_the_query_stream():
     """train.cp_queries=sharded: each of 4 cp ranks holds ceil(5 / 4) = 2 of the 5 target chunks' activations."""
