@@ -89,6 +89,16 @@ def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int
     return attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty, backend=backend)
 
 
+def coarse_from_scores(scores: torch.Tensor, bank: BankLayer, candidates: int) -> torch.Tensor:
+    """``coarse_partial``'s output from the retrieval scores of the same candidates (its logits, q̄·K̄/sqrt(d)):
+    softmax(scores) @ pooled values, without a second pass over the pooled keys and the fused kernel's padded
+    copies of them. scores [B, H, n_qb, n >= 1] -> [B, H, n_qb, d], accumulated in fp32 at least."""
+    _, vp = pooled_candidates(bank, candidates, values=True)                          # [B, H, n, d]
+    work = torch.promote_types(scores.dtype, torch.float32)
+    p = torch.softmax(scores.to(work), dim=-1)                                         # [B, H, n_qb, n]
+    return (p @ vp.to(work)).to(vp.dtype)
+
+
 #################################################################################
 #                               Memory Context                                  #
 #################################################################################
