@@ -132,7 +132,8 @@ def add_parsers(sub) -> None:
     trn = bsub.add_parser("train", help="training tokens/s and step memory vs bank size; longest bank per memory budget",
                           description="Full training steps (rectified-flow loss, backward, AdamW) of the configured "
                                       "model, one target chunk after a bank of L latent frames, each point in a fresh "
-                                      "process: median step time, training tokens/s, the step's own RSS; then the "
+                                      "process: median step time, training tokens/s, the step's own RSS, the peak "
+                                      "of live tensors and `decmem train --dry-run`'s estimate of the same step; then the "
                                       "longest bank each strategy fits under --memory-gb (doubling, then bisection).")
     trn.add_argument("--strategies", type=strategies, default=strategies("decmem,dense"),
                      help="comma-separated strategies (default: decmem,dense)")
