@@ -270,11 +270,19 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
     gen_src = np.arange(first_gen, src_end(args.frames))
     stride = args.stride or max(1, min(H, W) // 64)
     gap_src = args.min_gap * max(1, codec.temporal)
+    mem_masks: dict[int, np.ndarray] = {}
+
+    def memory_only_for(model) -> np.ndarray:
+        """Frames only long-term memory can show *to this model*: what its own ALM window holds differs by W."""
+        recent = (model.args.attention.window - 1) * max(1, codec.temporal)
+        if recent not in mem_masks:
+            mem_masks[recent] = _memory_only(clip, gen_src, recent, args.revisit_coverage, args.depth_tol, stride)
+        return mem_masks[recent]
+
     if "depth" in clip:
         cov = coverage(clip, gen_src, range(first_gen), gap_src, args.depth_tol, stride)
         revisit, rule = cov >= args.revisit_coverage, "depth"
-        memory_only = _memory_only(clip, gen_src, (any_model.args.attention.window - 1) * max(1, codec.temporal),
-                                   args.revisit_coverage, args.depth_tol, stride)
+        memory_only = memory_only_for(any_model)                   # the clip's: the first model's window
     else:
         cov, memory_only = None, np.zeros(len(gen_src), bool)
         revisit = revisit_mask(clip["c2w"][:gen_src[-1] + 1], first_gen, args.pos_tol, args.angle_tol_deg,
@@ -323,7 +331,8 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
         row = {"generated_latents": n_new, "psnr": psnr, "ssim": ssim,
                "s_per_latent": float(np.median(r.seconds_per_latent())), "chunk_seconds": r.chunk_seconds,
                "dispersion_low": r.dispersion_low, "dispersion_high": r.dispersion_high, "wall_s": wall,
-               "lpips": lpips(gt[:n_src], video) if lpips else None}
+               "lpips": lpips(gt[:n_src], video) if lpips else None,
+               "memory_only": (memory_only_for(model) if "depth" in clip else memory_only).tolist()}
         if name in RETRIEVING and "depth" in clip and r.selections:
             window = model.args.attention.window
             budget = (model.args.attention.top_k if name == "decmem" else model.args.attention.fov_frames * n_b)
@@ -392,7 +401,9 @@ def summarize(clips: list[dict], strategies: list[str]) -> dict:
             row = c["strategies"][name]
             for metric in ("psnr", "ssim"):
                 vals = np.asarray(row[metric])
-                masks = (np.asarray(c[k][:len(vals)], bool) for k in ("revisit", "memory_only"))
+                # memory-only frames depend on the model's own ALM window: the row's mask (older eval.json: clip's)
+                mem = row.get("memory_only", c["memory_only"])
+                masks = (np.asarray(m[:len(vals)], bool) for m in (c["revisit"], mem))
                 for part, v in _split_means(vals, *masks).items():
                     per[f"{metric}_{part}"].append(v)
             per["lpips_all"].append(float(np.mean(row["lpips"])) if row.get("lpips") is not None else None)
@@ -505,6 +516,11 @@ def report(res: dict) -> str:
     rules = sorted({c["revisit_rule"] for c in res["clips"]})
     n_rev = [int(np.sum(c["revisit"])) for c in res["clips"]]
     n_mem = [int(np.sum(c.get("memory_only", []))) for c in res["clips"]]
+    n_mem_by = {n: [int(np.sum(c["strategies"][n].get("memory_only", c.get("memory_only", [])))) for c in res["clips"]]
+                for n in res["args"]["strategies"]}
+    mem_counts = (f"per clip: {n_mem}" if all(v == n_mem for v in n_mem_by.values()) else
+                  "per clip and strategy (each model's own window): "
+                  + ", ".join(f"{n} {v}" for n, v in n_mem_by.items()))
     folders, steps = res["weights"], res["sample_steps"]
     one = len(set(folders.values())) == 1
     weights = (f"weights `{next(iter(folders.values()))}` (every strategy)" if one else
@@ -525,9 +541,9 @@ def report(res: dict) -> str:
     L += [f"- revisited frame: >= {a['revisit_coverage']:.0%} of its pixels show surfaces an init frame >= "
           f"{a['min_gap']} latents older saw (rule: {', '.join(rules)}; depth agreement {a['depth_tol']:.0%}); "
           f"revisited frames per clip: {n_rev}",
-          f"- frame only memory holds: the frames of its local window before it (window - 1 latents) see < "
-          f"{a['revisit_coverage']:.0%} of its pixels and older frames (ground truth or generated) >= "
-          f"{a['revisit_coverage']:.0%}: what SGM alone can bring back (depth rule only); per clip: {n_mem}",
+          f"- frame only memory holds: the frames of its local window before it (window - 1 latents, the window of "
+          f"the model being scored) see < {a['revisit_coverage']:.0%} of its pixels and older frames (ground truth or "
+          f"generated) >= {a['revisit_coverage']:.0%}: what SGM alone can bring back (depth rule only); {mem_counts}",
           f"- relevance (rule `{rel['rule']}`, depth agreement {rel['depth_tol']:.0%}): {rel['relevant']}; "
           "recall@k = |read ∩ relevant| / min(k, |relevant|) per "
           + ("(layer, head, query block) against that query block's own relevant set (fov_frames: its one read set "

@@ -413,6 +413,36 @@ def test_a_strategy_that_reads_no_blocks_may_come_from_another_block_size(render
         assert row(both, "decmem")[key] == row(mine, "decmem")[key], key
 
 
+def test_memory_only_frames_follow_each_models_own_window(rendered, tmp_path):
+    """A frame is memory-only when the model's *own* ALM window misses it: on this `return` clip generated frame 8
+    is memory-only for a window of 2 (the frame before it sees < 50%) and not for a window of 6 (3 of the 5 frames
+    before it see it). Each strategy's row and summary use its own mask; the clip keeps the first model's."""
+    from decmem.evaluation.protocol import EvalArgs, run_eval
+    from decmem.model.dit import VideoDiT
+    from decmem.training.config import load_config
+    from decmem.training.run_config import RunConfig
+    from decmem.training.weights import save_weights
+
+    root, _ = rendered
+    data = tmp_path / "ret"
+    subprocess.run([sys.executable, "-m", "decmem.cli", "preprocess", "--format", "render",
+                    "scenes=1,frames=24,hw=16x16,seed=3,path=return", str(data), "--segment-frames", "24"],
+                   check=True, capture_output=True, text=True)
+    cfg = load_config(RunConfig, "configs/debug.yaml", ["model.attention.window=6"])
+    save_weights(VideoDiT(cfg.model), str(tmp_path / "w6"), cfg.diffusion)
+    kw = dict(data=str(data), init_frames=8, frames=4, clips=1, sample_steps=1, min_gap=2)
+    res = run_eval(EvalArgs(weights=f"decmem={root / 'weights'},window={tmp_path / 'w6'}", **kw), str(tmp_path / "o"),
+                   log=_quiet)
+    c = res["clips"][0]
+    assert c["strategies"]["decmem"]["memory_only"] == [True, False, False, False]          # window 2
+    assert c["strategies"]["window"]["memory_only"] == [False, False, False, False]         # window 6
+    assert c["memory_only"] == c["strategies"]["decmem"]["memory_only"]
+    psnr = c["strategies"]["decmem"]["psnr"]
+    assert res["summary"]["decmem"]["psnr_memory"]["mean"] == pytest.approx(psnr[0], abs=1e-9)
+    assert res["summary"]["window"]["psnr_memory"]["clips"] == 0
+    assert "decmem [1], window [0]" in (tmp_path / "o" / "eval.md").read_text()
+
+
 def test_dispersion_chunk_seconds_frames_for_and_recall_every(rendered, tmp_path):
     from decmem.evaluation.protocol import EvalArgs, run_eval
 
