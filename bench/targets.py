@@ -136,12 +136,11 @@ def targets_train(rows: list[dict], sparse: str = "decmem", dense: str = "dense"
 def _target_estimate(rows: list[dict]) -> dict:
     lo, hi = ESTIMATE_BAND
     name = f"train: live tensors' peak / dry-run estimate in [{lo:g}, {hi:g}] at every point"
-    pts = [r for r in rows if r.get("kind") == "point" and r.get("status") == "ok" and r.get("live_peak_mb")
-           and r.get("est_step_mb")]
+    pts = [r for r in rows if r.get("kind") == "point" and r.get("status") == "ok" and r.get("live_vs_estimate")]
     if not pts:
         return target(name, "no point carries the dry run's estimate and the live tensors' peak", None, None)
-    ratios = [r["live_peak_mb"] / r["est_step_mb"] for r in pts]
-    desc = ", ".join(f"{r['strategy']}@{r['bank_frames']} {q:.2f} (RSS {r['step_rss_mb'] / r['est_step_mb']:.2f})"
+    ratios = [r["live_vs_estimate"] for r in pts]
+    desc = ", ".join(f"{r['strategy']}@{r['bank_frames']} {q:.2f} (RSS {r['measured_vs_estimate']:.2f})"
                      for r, q in zip(pts, ratios))
     worst = max(ratios, key=lambda q: max(q / hi, lo / q))
     return target(name, desc + (" (activation checkpointing)" if pts[0].get("activation_checkpointing") else ""),

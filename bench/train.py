@@ -163,9 +163,8 @@ def _point(cfg, strategy: str, bank_frames: int, opts: dict, out_path: str) -> N
         if watchdog:
             watchdog.__exit__()
     peak = peak_rss_mb()
-    live = LiveTensorPeak()                      # timed points: one more, untimed step for the live tensors' peak
-    if not budget:
-        with live:
+    if not budget:                               # timed points: one more, untimed step for the live tensors' peak
+        with LiveTensorPeak() as live:
             step()
     step_s = statistics.median(times)
     row.update({

@@ -273,18 +273,21 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
     mem_masks: dict[int, np.ndarray] = {}
 
     def memory_only_for(model) -> np.ndarray:
-        """Frames only long-term memory can show *to this model*: what its own ALM window holds differs by W."""
+        """Frames only long-term memory can show *to this model* (what its own ALM window holds differs by W);
+        none without depth."""
+        if "depth" not in clip:
+            return np.zeros(len(gen_src), bool)
         recent = (model.args.attention.window - 1) * max(1, codec.temporal)
         if recent not in mem_masks:
             mem_masks[recent] = _memory_only(clip, gen_src, recent, args.revisit_coverage, args.depth_tol, stride)
         return mem_masks[recent]
 
+    memory_only = memory_only_for(any_model)                       # the clip's: the first model's window
     if "depth" in clip:
         cov = coverage(clip, gen_src, range(first_gen), gap_src, args.depth_tol, stride)
         revisit, rule = cov >= args.revisit_coverage, "depth"
-        memory_only = memory_only_for(any_model)                   # the clip's: the first model's window
     else:
-        cov, memory_only = None, np.zeros(len(gen_src), bool)
+        cov = None
         revisit = revisit_mask(clip["c2w"][:gen_src[-1] + 1], first_gen, args.pos_tol, args.angle_tol_deg,
                                gap_src)[first_gen:]
         rule = "pose"
@@ -332,7 +335,7 @@ def eval_clip(clip: dict, models: dict, diffusions: dict, codec, args: EvalArgs,
                "s_per_latent": float(np.median(r.seconds_per_latent())), "chunk_seconds": r.chunk_seconds,
                "dispersion_low": r.dispersion_low, "dispersion_high": r.dispersion_high, "wall_s": wall,
                "lpips": lpips(gt[:n_src], video) if lpips else None,
-               "memory_only": (memory_only_for(model) if "depth" in clip else memory_only).tolist()}
+               "memory_only": memory_only_for(model).tolist()}
         if name in RETRIEVING and "depth" in clip and r.selections:
             window = model.args.attention.window
             budget = (model.args.attention.top_k if name == "decmem" else model.args.attention.fov_frames * n_b)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from decmem.model.block_sparse import SPARSE_BACKENDS, attend_blocks_flex
 from decmem.model.blocks import pool_blocks
 from decmem.model.kernels import BACKENDS, attend, expected_logit, mass_split, merge_lse, softmax_entropy_parts
-from decmem.model.memory import LOCAL, BankLayer, MemoryContext, coarse_from_scores
+from decmem.model.memory import LOCAL, BankLayer, MemoryContext
 from decmem.model.retrieval import selected_log_weights
 
 STRATEGIES = ("decmem", "dense", "dense_decay", "fov_frames", "window")
@@ -350,12 +350,7 @@ class DecMemAttention(nn.Module):
         coarse = None
         if a.coarse:
             # every candidate block's score is a logit here, so each one gets a gradient, not only the selected
-            if scores is not None and scores.shape[-1]:
-                # every candidate's score is here (one process): those are the coarse logits, so skip the
-                # second bank-wide pass; at 7168 blocks per head it was half of generation's O(bank) growth
-                c_out = coarse_from_scores(scores, bank, old)                         # [B, H, n_qb, d]
-            else:
-                c_out, _ = ctx.coarse_read(q_pool, bank, old, a.backend)              # [B, H, n_qb, d], whole
+            c_out, _ = ctx.coarse_read(q_pool, bank, old, a.backend, scores)          # [B, H, n_qb, d], whole
             coarse = c_out.repeat_interleave(Bs, dim=2)                              # [B, H, N, d]
         return (out, lse), coarse, {"selected": idx, "selected_valid": valid, "selected_scores": sel_scores.detach(),
                                     "scores": scores.detach() if scores is not None else None}

@@ -89,14 +89,14 @@ def coarse_partial(q_pool: torch.Tensor, bank: BankLayer | None, candidates: int
     return attend(q_pool, kp if kp is not None else empty, vp if vp is not None else empty, backend=backend)
 
 
-def coarse_from_scores(scores: torch.Tensor, bank: BankLayer, candidates: int) -> torch.Tensor:
-    """``coarse_partial``'s output from the retrieval scores of the same candidates (its logits, q̄·K̄/sqrt(d)):
-    softmax(scores) @ pooled values, without a second pass over the pooled keys and the fused kernel's padded
-    copies of them. scores [B, H, n_qb, n >= 1] -> [B, H, n_qb, d], accumulated in fp32 at least."""
+def coarse_from_scores(scores: torch.Tensor, bank: BankLayer, candidates: int):
+    """``coarse_partial`` from the retrieval scores of the same candidates (its logits, q̄·K̄/sqrt(d)): softmax(scores)
+    @ pooled values, without a second pass over the pooled keys and the fused kernel's padded copies of them.
+    scores [B, H, n_qb, n >= 1] -> (out [B, H, n_qb, d], lse [B, H, n_qb]), accumulated in fp32 at least."""
     _, vp = pooled_candidates(bank, candidates, values=True)                          # [B, H, n, d]
-    work = torch.promote_types(scores.dtype, torch.float32)
-    p = torch.softmax(scores.to(work), dim=-1)                                         # [B, H, n_qb, n]
-    return (p @ vp.to(work)).to(vp.dtype)
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    out = torch.softmax(s, dim=-1) @ vp.to(s.dtype)                                    # [B, H, n_qb, d]
+    return out.to(vp.dtype), torch.logsumexp(s, dim=-1)
 
 
 #################################################################################
@@ -116,8 +116,10 @@ class MemoryContext(Protocol):
         """Global top-k of the candidate blocks for pooled queries [B, H, n_qb, d]
         -> (idx, valid, selected scores with gradient, all scores or None)."""
 
-    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
-        """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb])."""
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str,
+                    scores: torch.Tensor | None = None):
+        """Pooled queries over every candidate block's pooled K/V, whole: (out [B, H, n_qb, d], lse [B, H, n_qb]).
+        scores: what ``select_blocks`` returned as all scores (the coarse logits, when every candidate is here)."""
 
     def read_blocks(self, qg: torch.Tensor, bank: BankLayer | None, idx: torch.Tensor, valid: torch.Tensor,
                     bias: torch.Tensor | None, block_size: int, attend_fn):
@@ -184,8 +186,13 @@ class LocalMemory:
         sel = scores.gather(-1, idx) if scores.shape[-1] else scores.new_zeros(idx.shape)
         return idx, valid, sel, scores
 
-    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str):
-        """Pooled queries over every candidate block's pooled K/V (all local here)."""
+    def coarse_read(self, q_pool: torch.Tensor, bank: BankLayer | None, candidates: int, backend: str,
+                    scores: torch.Tensor | None = None):
+        """Pooled queries over every candidate block's pooled K/V (all local here). With the candidates' scores,
+        those are the logits: no second bank-wide pass (at 7168 blocks per head, half of generation's O(bank)
+        growth)."""
+        if scores is not None and scores.shape[-1]:
+            return coarse_from_scores(scores, bank, candidates)
         return coarse_partial(q_pool, bank, candidates, backend)
 
     def read_blocks(self, qg, bank, idx, valid, bias, block_size: int, attend_fn):

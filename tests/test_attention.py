@@ -125,18 +125,20 @@ def test_coarse_from_scores_equals_the_fused_coarse_read(dtype, tol):
     kp = torch.randn(B, H, T, nb, d, generator=g, dtype=torch.float64)
     vp = torch.randn(B, H, T, nb, d, generator=g, dtype=torch.float64)
     q = torch.randn(B, H, n_qb, d, generator=g, dtype=torch.float64)
-    outs, grads = [], []
+    outs, lses, grads = [], [], []
     for reuse in (False, True):
         qq, kk, vv = (t.to(dtype).requires_grad_(True) for t in (q, kp, vp))
         bank = BankLayer(kk.new_zeros(B, H, T, nb, d), kk.new_zeros(B, H, T, nb, d), kk, vv)
         kc = kk[:, :, :cand].reshape(B, H, cand * nb, d)
-        out = coarse_from_scores(block_scores(qq, kc), bank, cand) if reuse else \
-            coarse_partial(qq, bank, cand, "math" if dtype == torch.float64 else "sdpa")[0]
+        out, lse = coarse_from_scores(block_scores(qq, kc), bank, cand) if reuse else \
+            coarse_partial(qq, bank, cand, "math" if dtype == torch.float64 else "sdpa")
         assert out.dtype == dtype and out.shape == (B, H, n_qb, d)
         out.float().square().sum().backward()
         outs.append(out.double())
+        lses.append(lse.double())
         grads.append([t.grad.double() for t in (qq, kk, vv)])
     torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(lses[1], lses[0], atol=tol, rtol=tol)
     if dtype == torch.float64:
         for a, b in zip(grads[1], grads[0]):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
@@ -440,7 +442,7 @@ def test_decmem_never_attends_the_whole_bank(monkeypatch):
         return real(q, k, v, *a, **kw)
 
     coarse = []
-    real_coarse = att.coarse_from_scores
+    real_coarse = mem.coarse_from_scores
 
     def spy_coarse(scores, *a, **kw):
         coarse.append(scores.shape[-1])
@@ -448,7 +450,7 @@ def test_decmem_never_attends_the_whole_bank(monkeypatch):
 
     monkeypatch.setattr(att, "attend", spy)
     monkeypatch.setattr(mem, "attend", spy)                           # a context's coarse read would call this one
-    monkeypatch.setattr(att, "coarse_from_scores", spy_coarse)
+    monkeypatch.setattr(mem, "coarse_from_scores", spy_coarse)
     Nf, Bs, k, W, T = 16, 4, 3, 3, 64
     m = make(dim=16, heads=2, block_size=Bs, top_k=k, window=W)
     _, _, bank = random_bank(1, 2, T, Nf, 8, Bs)

@@ -213,7 +213,8 @@ def test_targets_train_without_search():
 
 def _point(strategy, L, live, estimated):
     return {"kind": "point", "strategy": strategy, "bank_frames": L, "status": "ok", "live_peak_mb": live,
-            "step_rss_mb": 1.5 * live, "est_step_mb": estimated}
+            "step_rss_mb": 1.5 * live, "est_step_mb": estimated, "live_vs_estimate": live / estimated,
+            "measured_vs_estimate": 1.5 * live / estimated}
 
 
 @pytest.mark.parametrize("points, met, worst", [

@@ -270,7 +270,7 @@ def _keys_per_query(m, bank_frames, monkeypatch):
         seen.append(k.shape[-2])
         return real(q, k, v, *a, **kw)
 
-    real_coarse = att.coarse_from_scores
+    real_coarse = mem.coarse_from_scores
 
     def spy_coarse(scores, *a, **kw):                                 # one process: the coarse branch reads its
         seen.append(scores.shape[-1])                                 # logits from the retrieval scores
@@ -278,7 +278,7 @@ def _keys_per_query(m, bank_frames, monkeypatch):
 
     monkeypatch.setattr(att, "attend", spy)
     monkeypatch.setattr(mem, "attend", spy)                           # a context's coarse read would call this one
-    monkeypatch.setattr(att, "coarse_from_scores", spy_coarse)
+    monkeypatch.setattr(mem, "coarse_from_scores", spy_coarse)
     lat = torch.randn(1, bank_frames + 2, 3, 8, 8, dtype=F64)
     K, c2w = cameras(1, bank_frames + 2)
     bank = m.encode_memory(lat[:, :bank_frames], K[:, :bank_frames], c2w[:, :bank_frames])
@@ -287,7 +287,7 @@ def _keys_per_query(m, bank_frames, monkeypatch):
                  bank_frames, bank)
     monkeypatch.setattr(att, "attend", real)
     monkeypatch.setattr(mem, "attend", real)
-    monkeypatch.setattr(att, "coarse_from_scores", real_coarse)
+    monkeypatch.setattr(mem, "coarse_from_scores", real_coarse)
     per_layer = sum(seen) // m.args.depth  # each call's keys are read by each of its queries once
     pooled = stats["layers"][0]["attended_pooled"]                    # the coarse branch: one key per old block
     assert per_layer == stats["attended_tokens"] + pooled

@@ -202,8 +202,9 @@ class CPMemory:
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
 
-    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
-        """The coarse branch over the local candidates, merged over every rank's (replicated queries)."""
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str, scores=None):
+        """The coarse branch over the local candidates, merged over every rank's (replicated queries). scores is
+        always None here: this rank's select_blocks never holds every candidate's."""
         return self.merge_partials(*coarse_partial(q_pool, bank, candidates, backend))
 
     def read_blocks(self, qg, bank, idx, valid, bias, block_size: int, attend_fn):

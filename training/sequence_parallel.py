@@ -235,8 +235,9 @@ class SPMemory(CPMemory):
         idx = torch.where(valid, cidx.gather(-1, pos), torch.zeros_like(pos))
         return idx, valid, cand.gather(-1, pos), None
 
-    def coarse_read(self, q_pool, bank, candidates: int, backend: str):
-        """The partials of this chunk's pooled queries over each holder's candidates, merged here."""
+    def coarse_read(self, q_pool, bank, candidates: int, backend: str, scores=None):
+        """The partials of this chunk's pooled queries over each holder's candidates, merged here. scores is always
+        None here: this rank's select_blocks never holds every candidate's."""
         qs, olds, holders = self._queries(q_pool, candidates)
         work = wide_dtype(q_pool.dtype)
         parts = {}
