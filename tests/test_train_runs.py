@@ -268,10 +268,6 @@ def names_the_saved_layout(ctx):
     assert "dp=2 x cp=1" in ctx.r.stderr and "checkpoint.init_weights=" in ctx.r.stderr, ctx.r.stderr[-3000:]
 
 
-def asks_for_zero2(ctx):
-    assert "train.zero_stage=2" in ctx.r.stderr, ctx.r.stderr[-2000:]
-
-
 def typo_named_before_any_process(ctx):
     assert "train.stpes" in ctx.r.stderr and "train.steps" in ctx.r.stderr      # names the key, suggests the right one
     assert "torchrun" not in ctx.r.stderr.lower() and not os.path.exists(ctx.run_dir)
@@ -544,8 +540,6 @@ RUNS = [
         Phase(check=resumed_like_straight)]),
     Run("changed_layout_refused", 2, LONG_RUN, copy_of="straight", phases=[
         Phase((f"train.steps={LONG + 2}", "train.cp=2"), exit="nonzero", check=names_the_saved_layout)]),
-    Run("zero3_activation_checkpointing_refused", 1, ("train.activation_checkpointing=true",), [
-        Phase(args=("--dry-run",), exit=2, check=asks_for_zero2, timeout=60)]),
     Run("config_typo_refused", 2, ("train.stpes=3",), [Phase(exit=2, check=typo_named_before_any_process, timeout=60)]),
     Run("deepspeed_launcher", 2, ("train.steps=2",), launcher="deepspeed", phases=[Phase(check=two_rank_layout)]),
     Run("wall_clock_checkpoints", 1, ("train.steps=4", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.0001",

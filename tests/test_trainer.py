@@ -105,6 +105,24 @@ def test_own_history_step_matches_one_process(tmp_path, data):
     assert abs(one["losses"][0] - plain["losses"][0]) > 1e-4, "the own history did not change the step"
 
 
+def test_zero3_activation_checkpointing_equals_zero3(tmp_path, data):
+    """ZeRO-3 with every parameter partitioned: recomputing each block in backward takes the same three steps as
+    keeping the activations, with the query stream replicated (cp=2) and sharded (cp=2, fetch)."""
+    s = samples(data, 2)
+    both = batch_of(s, [4, 8])
+    base = ["optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=3", f"data.data={data}", "data.batch_size=2",
+            "train.cp=2", "train.zero3_persistence=0"]
+    for queries in ("replicated", "sharded"):
+        kept = run_world(tmp_path, f"kept_{queries}", 2, base + [f"train.cp_queries={queries}"], [[[both], [both]]] * 3)
+        ckpt = run_world(tmp_path, f"ckpt_{queries}", 2, base + [f"train.cp_queries={queries}",
+                                                                   "train.activation_checkpointing=true"],
+                         [[[both], [both]]] * 3)
+        assert ckpt["partitioned"] == kept["partitioned"] == len(kept["weights"]), "some parameter stayed whole"
+        assert ckpt["losses"] == pytest.approx(kept["losses"], rel=1e-6)
+        assert ckpt["grad_norms"] == pytest.approx(kept["grad_norms"], rel=1e-6)
+        assert_close_weights(ckpt, kept, f"ZeRO-3 + activation checkpointing vs ZeRO-3 ({queries})", tol=1e-6)
+
+
 def test_gradient_accumulation(tmp_path, data):
     """1 micro-batch of 4 == 2 micro-batches of 2 through DeepSpeed's accumulation."""
     s = samples(data, 4)

@@ -34,8 +34,10 @@ def run_steps(rank: int, world: int, port: int, config: str, overrides: list[str
             scalars, _ = trainer.train_step(per_rank[rank])
             losses.append(scalars["train/loss"])
             norms.append(scalars["train/grad_norm"])
+        # ZeRO-3 splits a parameter over the ranks unless it is under train.zero3_persistence elements
+        partitioned = sum(not getattr(p, "ds_persist", True) for p in trainer.engine.module.parameters())
         sd = gather_state_dict(trainer.engine.module, rank)
         if rank == 0:
-            torch.save({"weights": sd, "losses": losses, "grad_norms": norms}, out_path)
+            torch.save({"weights": sd, "losses": losses, "grad_norms": norms, "partitioned": partitioned}, out_path)
     finally:
         dist.destroy_process_group()

@@ -56,9 +56,11 @@ class TrainArgs:
     cp_block_read: str = "fetch"     # sharded queries: fetch (selected blocks' K/V come to the chunk's owner) or
                                      # ship (its query blocks go to the blocks' holders, (out, lse) come back)
     zero_stage: int = 3
+    zero3_persistence: int = 100_000  # ZeRO-3 keeps parameters of fewer elements whole on every rank (DeepSpeed's
+                                     # stage3_param_persistence_threshold); 0 partitions every one
     precision: str = "auto"          # auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"             # auto | cpu | cuda
-    activation_checkpointing: bool = False  # recompute each DiT block in backward
+    activation_checkpointing: bool = False  # recompute each block in backward (any zero_stage)
     ema: float = 0.0                 # EMA decay of the weights (0 = off), e.g. 0.999
     stop_at: int = 0                 # save and stop once this step is done (0 = run to steps); the schedule still spans steps
     max_nonfinite: int = 3           # steps in a row with a non-finite loss (each skipped) before the run saves and stops
@@ -81,10 +83,8 @@ class TrainArgs:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
-        if self.activation_checkpointing and self.zero_stage == 3:
-            raise ValueError("activation_checkpointing: needs zero_stage <= 2 (under ZeRO-3 the recompute would run "
-                             "on released parameters); set train.zero_stage=2, which keeps the weights whole on every "
-                             "rank and still partitions gradients and optimizer states")
+        if self.zero3_persistence < 0:
+            raise ValueError(f"zero3_persistence: expected >= 0 (parameter elements), got {self.zero3_persistence}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected in [0, 1), got {self.ema}")
 
