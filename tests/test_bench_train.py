@@ -7,6 +7,7 @@ import torch
 
 from decmem.bench.common import LiveTensorPeak
 from decmem.bench.train import fit_ratio, fit_search, format_table, run_point, run_train_bench
+from decmem.model.block_sparse import attend_blocks_flex
 from decmem.training.config import load_config
 from decmem.training.run_config import RunConfig
 
@@ -73,6 +74,31 @@ def test_live_tensor_peak_counts_storages_alive_together():
         assert live.bytes == 4 << 20
         del c
     assert live.peak == (1 + 2 + 2) << 20 and live.bytes == 0
+
+
+def test_live_tensor_peak_sees_inside_flex_attention():
+    """FlexAttention (sparse_backend=flex) is a higher-order op: the mode runs it (forward and backward, same
+    results) and counts the score buffers its CPU reference makes inside, at least one fp32 [B, H, Nq, Nk]."""
+    torch.manual_seed(0)
+    B, H, S, n_qb, n_kb, d = 1, 2, 16, 4, 32, 8
+    q, k, v = (torch.randn(B, H, n * S, d, requires_grad=True) for n in (n_qb, n_kb, n_kb))
+    blocks = torch.randint(0, n_kb, (B, H, n_qb, 4))
+    bias = torch.randn(B, H, n_qb, 4, requires_grad=True)
+    valid = torch.ones_like(blocks, dtype=torch.bool)
+
+    def step():
+        out, lse = attend_blocks_flex(q, k, v, blocks, valid, bias, S)
+        (out.square().sum() + lse.sum()).backward()
+        grads = [t.grad.clone() for t in (q, k, v, bias)]
+        for t in (q, k, v, bias):
+            t.grad = None
+        return out.detach(), grads
+
+    ref, ref_grads = step()
+    with LiveTensorPeak() as live:
+        out, grads = step()
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert live.peak >= B * H * (n_qb * S) * (n_kb * S) * 4
 
 
 def test_point_over_budget_is_stopped(cfg):

@@ -312,7 +312,9 @@ def _measure(cfg, hw, chunk_starts, checkpoint_blocks=False):
     ("debug.yaml", (), (16, 16)),
     ("demo.yaml", (), (16, 16)),                 # demo model, 16x16 frames (8x8 tokens, 4 blocks) to stay quick
     ("demo.yaml", ("model.attention.strategy=dense",), (16, 16)),
-], ids=["debug", "demo", "demo-dense"])
+    # FlexAttention reads the selected blocks in place (the gather path would copy 32 blocks per query block)
+    ("demo.yaml", ("model.attention.sparse_backend=flex", "model.attention.top_k=32"), (16, 16)),
+], ids=["debug", "demo", "demo-dense", "demo-flex"])
 def test_activation_estimate_matches_what_autograd_saves(config, over, hw):
     """One forward + backward with a 16-frame bank and two target chunks, in process, on CPU."""
     C = cfg_for(config).model.chunk_frames

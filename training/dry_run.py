@@ -31,6 +31,9 @@ from decmem.training.validate import (
 )
 
 GiB = float(1 << 30)
+FLEX_PAIR_BYTES = 21      # sparse_backend=flex: bytes kept per (query block, bank block) pair (see estimate_memory)
+FLEX_CPU_SCORES = 9       # ... and fp32 score-sized buffers of FlexAttention's CPU reference alive at once (its
+                          # backward's peak, measured with bench.common.LiveTensorPeak: 9.1-11 incl. bool masks)
 
 
 #################################################################################
@@ -175,10 +178,17 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
     #     math kernel also keeps chunk_tokens x bank_tokens scores per head three times (exp, probabilities,
     #     the matmul's copy): 3 H C N_f L_b N_f per chunk (fused kernels recompute them in backward)
     #   gated merge: SGM/ALM outputs and gate products ~ 3 D (1 D for one joint merge)
+    #   sparse_backend=flex (one process or replicated cp; sharded cp gathers either way): the selected blocks are
+    #     read in place from the bank's K/V (already counted in bank_kv), so the SGM read keeps q, out (unpadded)
+    #     and the lse (H fp32) per token, plus per chunk the selection as tables over (query block, bank block):
+    #     the fp32 bias table, its bool mask and the BlockMask's int32 index lists both ways, ~21 bytes a pair
     # cp > 1 adds the fp32 partial-output all-reduce of the bank read (2 D fp32 per token).
     s = att.strategy
     q_tok = block + 4 * Dp                            # per query token: block + chunk branch
     q_chunk = 0                                       # per chunk, independent of its token count
+    flex = att.sparse_backend == "flex" and s in ("decmem", "fov_frames") and not sharded
+    flex_read = 2 * D + H * f32 / a                   # flex: q, out, lse per query token
+    flex_tables = batch * H * (C * Nf // Bs) * (Lb * Nf // Bs) * FLEX_PAIR_BYTES / a
     if s in ("dense", "dense_decay"):
         q_tok += 2 * Dp + D
         q_chunk += 2 * Lb * Nf * batch * Dp
@@ -188,18 +198,25 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         q_tok += 2 * Dp                               # window q, out
         q_chunk += 2 * (W - 1) * Nf * batch * Dp      # the window's K/V
         if s == "decmem":
-            served = 2 * att.top_k * Dp + 2 * H * att.top_k  # gathered K/V of the query block's blocks, bias, mask
-            q_tok += 2 * Dp + (layout.cp * (served + 2 * Dp) if ship else served)
+            if flex:
+                q_tok += flex_read
+                q_chunk += flex_tables
+            else:
+                served = 2 * att.top_k * Dp + 2 * H * att.top_k  # gathered K/V of the query block's blocks, bias, mask
+                q_tok += 2 * Dp + (layout.cp * (served + 2 * Dp) if ship else served)
             q_tok += 3 * D if att.merge == "gate" else D  # gated products keep their branch outputs
             if att.coarse:
                 q_tok += D                            # the coarse output, copied to each token of its block
+        elif s == "fov_frames" and flex:
+            q_tok += flex_read + D
+            q_chunk += flex_tables
         elif s == "fov_frames":
             q_tok += 2 * Dp + D
             q_chunk += 2 * att.fov_frames * Nf * batch * Dp * (layout.cp if ship else 1)
         else:                                         # window: ALM only
             q_tok += D
         if math_kernel:
-            q_tok += 3 * H * ((W - 1) * Nf + C * Nf + (att.top_k * Bs if s == "decmem" else 0))
+            q_tok += 3 * H * ((W - 1) * Nf + C * Nf + (att.top_k * Bs if s == "decmem" and not flex else 0))
     # (sharded: no merge; the fetched blocks and window are held like the local ones, counted above)
     q_layer = (Tq * q_tok + q_chunk) * a + (Tq * 2 * D * f32 if layout.cp > 1 and s != "window" and not sharded else 0)
     query_stream = depth * local_chunks * q_layer
@@ -216,6 +233,10 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
         inputs = 0
         activations = memory_stream + query_stream + head
     workspace = one_block                             # gradients of the block being back-propagated
+    if flex and device != "cuda":
+        # off CUDA, FlexAttention's reference implementation scores the whole local bank: FLEX_CPU_SCORES
+        # fp32 [chunk tokens x bank tokens] buffers per head live at once in its forward and backward (not kept)
+        workspace = max(workspace, FLEX_CPU_SCORES * batch * H * C * Nf * Lb * Nf * f32)
 
     # ---- memory bank: per layer, K and V of every local bank token, plus one pooled key and value per block
     # of B tokens. Without positions inside attention K/V are views of the fused qkv projection's output,
@@ -330,7 +351,7 @@ def run_dry_run(cfg, world: int, log=print, frame_hw: tuple[int, int] | None = N
         f"latent channels {m.latent_channels}, chunk {m.chunk_frames} frames",
         f"  parameters {n_params:,} ({n_params / 1e6:.1f} M)",
         f"  attention {a.strategy}: block {a.block_size} tokens, top_k {a.top_k}, window {a.window} frames, "
-        f"merge {a.merge}",
+        f"merge {a.merge}, selected blocks read by {a.sparse_backend}",
         "per optimizer step",
         f"  samples {samples} = dp {layout.dp} x grad_accum {t.grad_accum} x batch_size {d.batch_size}",
         f"  tokens {tokens:,} = {samples} samples x {d.clip_frames} frames x {Nf} tokens/frame "
