@@ -320,8 +320,11 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
           "chunk. Weak / strong-key mass: the memory read's attention on keys of weight < 0.02 / > 0.05 (the paper's dispersion). "
           "`minute/eval.md` has every number (SSIM, recall@k, ...), `minute/dispersion.png` and "
           "`minute/chunk_seconds.png` the curves.", "",
-          "How to read it: one scene and one sampling seed, so a single minute moves by a dB or two between seeds "
-          "and training runs. The held-out clip above is the demo's measure of reading. At few Euler steps per chunk "
+          "How to read it: one scene and one sampling seed, so a single minute moves by a dB or two between sampling "
+          "seeds, and more between training runs: with training seed 1 instead of 0, decmem's rollout drifts in colour "
+          "from about frame 50 and ends near 10 dB, at 2 and at 10 Euler steps (BENCHMARKS.md, \"`make demo` end to "
+          "end\", stop 29). The held-out clip above is the demo's measure of reading (+1.4 and +2.0 dB over SGM off "
+          "with the two training seeds). At few Euler steps per chunk "
           "every chunk is close to a one-shot average, and PSNR rewards the blurry mean that the model keeps without "
           "its memory; with more steps samples are sharp and drift where memory does not hold them. BENCHMARKS.md "
           "(\"Over a minute\" and \"`make demo` end to end\") measures both regimes on these and on longer-trained "
