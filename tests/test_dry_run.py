@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from decmem.data_pipeline.shards import Manifest, ShardSink, npy_bytes, sample_key
 from decmem.model.diffusion import DiffusionArgs, rectified_flow_loss
@@ -295,6 +296,8 @@ def _measure(cfg, hw, chunk_starts, checkpoint_blocks=False):
         return out
 
     def pack(t):
+        if isinstance(t, FakeTensor):                  # FlexAttention traces its score_mod: no memory
+            return t
         s = t.untyped_storage()
         if s.data_ptr() not in params:
             saved[s.data_ptr()] = s.nbytes()
