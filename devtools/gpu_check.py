@@ -22,6 +22,8 @@ Steps, each with its own time budget (seconds; the whole run stays under --budge
                    decmem and dense in one run
   bench_generate   `decmem bench generate -c configs/bench_generate_gpu.yaml` (the B model), decmem and dense
                    side by side, one command per bank size (a point that fails costs only its own bank size)
+  train_zero3_ac   train_zero3 with activation checkpointing: DeepSpeed re-gathers each block's weights for the
+                   recompute inside backward (checked on CPU only so far); last, so it spends only what is left
 
 The steps that import the project run decmem.bench.gpu_check (backends, train) or the `decmem` command (bench)
 in child processes: this module itself imports the standard library only (devtools/ imports no project package,
@@ -51,14 +53,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = 1
-STEPS = ("install", "env", "backends", "train_zero3", "train_zero2_ac", "bench_attention", "bench_generate")
+STEPS = ("install", "env", "backends", "train_zero3", "train_zero2_ac", "bench_attention", "bench_generate",
+         "train_zero3_ac")
 PARTS = STEPS[2:]                     # what --parts selects from (install and env always run)
 BUDGETS = {"install": 60, "env": 30, "backends": 40, "train_zero3": 80, "train_zero2_ac": 80, "bench_attention": 60,
-           "bench_generate": 150}
+           "bench_generate": 150, "train_zero3_ac": 60}
 # what a step needs to import (checked by the env step; a step whose modules do not import is skipped)
 NEEDS = {"backends": ("torch", "decmem.bench.gpu_check"),
          "train_zero3": ("decmem.bench.gpu_check", "deepspeed", "webdataset", "av"),
          "train_zero2_ac": ("decmem.bench.gpu_check", "deepspeed", "webdataset", "av"),
+         "train_zero3_ac": ("decmem.bench.gpu_check", "deepspeed", "webdataset", "av"),
          "bench_attention": ("decmem.cli.main",),
          "bench_generate": ("decmem.cli.main",)}
 PROBE_MODULES = ("torch", "triton", "deepspeed", "webdataset", "av", "submitit", "braceexpand", "decmem.bench.gpu_check",
@@ -231,7 +235,8 @@ def plan(args, work: str) -> dict:
         "repeats": 0 if smoke else 5,
     }
     for name, extra in (("train_zero3", ["train.zero_stage=3", "train.activation_checkpointing=false"]),
-                        ("train_zero2_ac", ["train.zero_stage=2", "train.activation_checkpointing=true"])):
+                        ("train_zero2_ac", ["train.zero_stage=2", "train.activation_checkpointing=true"]),
+                        ("train_zero3_ac", ["train.zero_stage=3", "train.activation_checkpointing=true"])):
         run_dir = os.path.join(work, name)
         if smoke:      # the debug model at 16x16 on the CPU, fp32 (bf16 is the GPU's precision)
             frames, hw, clips, config = 12, "16x16", 2, "configs/debug.yaml"

@@ -45,10 +45,10 @@ def test_plan_resolves_configs(smoke):
     """Every training run of the plan is a valid config (the GPU one at the B size, bf16), the backend list is
     model/kernels.py's, and the bench commands name configs that exist."""
     plan = _plan(smoke)
-    for name in ("train_zero3", "train_zero2_ac"):
+    for name in ("train_zero3", "train_zero2_ac", "train_zero3_ac"):
         cfg = load_config(RunConfig, os.path.join(ROOT, plan[name]["config"]), plan[name]["overrides"])
-        assert cfg.train.zero_stage == (3 if name == "train_zero3" else 2)
-        assert cfg.train.activation_checkpointing == (name == "train_zero2_ac")
+        assert cfg.train.zero_stage == (2 if name == "train_zero2_ac" else 3)
+        assert cfg.train.activation_checkpointing == name.endswith("_ac")
         assert cfg.train.cp == 1 and cfg.train.steps == 2
         if not smoke:
             assert (cfg.model.size, cfg.train.precision, cfg.train.device) == ("B", "bf16", "cuda")
