@@ -322,9 +322,9 @@ def _minute_section(res: dict, a: DemoArgs, cmd: list[str]) -> str:
           "`minute/chunk_seconds.png` the curves.", "",
           "How to read it: one scene and one sampling seed, so a single minute moves by a dB or two between sampling "
           "seeds, and more between training runs: with training seed 1 instead of 0, decmem's rollout drifts in colour "
-          "from about frame 50 and ends near 10 dB, at 2 and at 10 Euler steps (BENCHMARKS.md, \"`make demo` end to "
-          "end\", stop 29). The held-out clip above is the demo's measure of reading (+1.4 and +2.0 dB over SGM off "
-          "with the two training seeds). At few Euler steps per chunk "
+          "from about frame 50 and ends near 10 dB, at 2 and at 10 Euler steps; 150 more training steps remove the drift "
+          "(BENCHMARKS.md, \"`make demo` end to end\", stop 29). The held-out clip above is the demo's measure of "
+          "reading (+1.4 and +2.0 dB over SGM off with the two training seeds). At few Euler steps per chunk "
           "every chunk is close to a one-shot average, and PSNR rewards the blurry mean that the model keeps without "
           "its memory; with more steps samples are sharp and drift where memory does not hold them. BENCHMARKS.md "
           "(\"Over a minute\" and \"`make demo` end to end\") measures both regimes on these and on longer-trained "
