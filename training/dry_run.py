@@ -207,12 +207,9 @@ def estimate_memory(cfg, world: int, frame_hw: tuple[int, int]) -> dict:
             q_tok += 3 * D if att.merge == "gate" else D  # gated products keep their branch outputs
             if att.coarse:
                 q_tok += D                            # the coarse output, copied to each token of its block
-        elif s == "fov_frames" and flex:
-            q_tok += flex_read + D
-            q_chunk += flex_tables
-        elif s == "fov_frames":
-            q_tok += 2 * Dp + D
-            q_chunk += 2 * att.fov_frames * Nf * batch * Dp * (layout.cp if ship else 1)
+        elif s == "fov_frames":                       # the read frames' K/V, gathered (or flex's tables)
+            q_tok += D + (flex_read if flex else 2 * Dp)
+            q_chunk += flex_tables if flex else 2 * att.fov_frames * Nf * batch * Dp * (layout.cp if ship else 1)
         else:                                         # window: ALM only
             q_tok += D
         if math_kernel:
